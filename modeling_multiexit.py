@@ -1,0 +1,374 @@
+"""What every multi-exit encoder shares: exit heads, the papers' losses, training stages and the one layer loop.
+
+A concrete model (BERT, RoBERTa, ALBERT) subclasses its HF ``*PreTrainedModel`` together with
+:class:`MultiExitMixin` and supplies only four things:
+
+* ``_embed(input_ids, token_type_ids, position_ids, inputs_embeds)``: the embedding output fed to layer 1;
+* ``_layer_at(depth)``: the transformer layer (module) for 0-indexed depth ``depth``;
+* ``_pool(hidden_states)``: the pretrained pooler (only used by ``shared_pooler`` exit heads);
+* ``_backbone()``: the module holding the pretrained encoder, for freezing.
+
+Everything else, including the forward, lives here once: :meth:`MultiExitMixin._exit_loop` runs the layers for
+training, all-layer evaluation, batch-size-1 early exit and batched early exit alike.
+
+Exit settings are config attributes (saved with ``save_pretrained``):
+
+* ``exit_head_type``: ``shared_pooler`` (PABEE/PCEE: a Linear per layer on the model's pooled [CLS]),
+  ``pooler`` (DeeBERT off-ramp: a pooler + Linear per layer), ``classification_head`` (RoBERTa's head shape,
+  dense-tanh-dense on <s>, per layer);
+* ``exit_loss_weighting``: ``weighted`` (Σ i·Lᵢ / Σ i, default), ``uniform`` (mean of Lᵢ), ``learned``
+  (ELBERT: Σ wᵢLᵢ with wᵢ = σ(tᵢ) for i < L, w_L = L − Σ_{i<L} wᵢ), ``final`` (last exit only);
+* ``exit_learned_weight_init``: the initial tᵢ of ``learned`` (ELBERT: 4.0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers import initialization as init
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.utils import ModelOutput
+
+from errors import UserInputError
+from exit_policies import ExitPolicy, ExitTracker
+
+EXIT_HEAD_TYPES = ("shared_pooler", "pooler", "classification_head")
+LOSS_WEIGHTINGS = ("weighted", "uniform", "learned", "final")
+TRAINING_STAGES = ("joint", "deebert_stage1", "deebert_stage2")
+
+
+EXIT_SETTINGS = ("exit_head_type", "exit_loss_weighting", "exit_learned_weight_init")
+
+
+def set_exit_settings(config: PretrainedConfig, **exit_settings: object) -> None:
+    """Apply exit settings given to a constructor (``from_pretrained(..., exit_loss_weighting="learned")``)."""
+    unknown = set(exit_settings) - set(EXIT_SETTINGS)
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments {sorted(unknown)}; exit settings are {', '.join(EXIT_SETTINGS)}")
+    for key, value in exit_settings.items():
+        if value is not None:
+            setattr(config, key, value)
+
+
+def configure_exits(config: PretrainedConfig, default_head_type: str) -> None:
+    """Fill in and check the exit settings on ``config`` so that they are saved with it."""
+    if getattr(config, "exit_head_type", None) is None:
+        config.exit_head_type = default_head_type
+    if getattr(config, "exit_loss_weighting", None) is None:
+        config.exit_loss_weighting = "weighted"
+    if getattr(config, "exit_learned_weight_init", None) is None:
+        config.exit_learned_weight_init = 4.0
+    if config.exit_head_type not in EXIT_HEAD_TYPES:
+        choices = ", ".join(EXIT_HEAD_TYPES)
+        raise UserInputError(f"exit_head_type must be one of {choices}, got {config.exit_head_type!r}")
+    if config.exit_loss_weighting not in LOSS_WEIGHTINGS:
+        raise UserInputError(
+            f"exit_loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {config.exit_loss_weighting!r}"
+        )
+
+
+@dataclass
+class MultiExitOutput(ModelOutput):
+    """``all_logits`` is [num_layers, batch, num_labels]; ``logits`` is the last layer's. ``layer_losses`` [L]
+    are the unweighted per-exit losses (handy for logging). ``hidden_states`` has the embedding output followed by
+    every layer's output, as in HF, when asked for."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    all_logits: torch.Tensor | None = None
+    layer_losses: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class EarlyExitOutput(ModelOutput):
+    """``logits`` [batch, num_labels] are each row's answer at its exit layer; ``exit_layers`` [batch] are 1-indexed."""
+
+    logits: torch.Tensor | None = None
+    exit_layers: torch.Tensor | None = None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Exit heads. Each takes the [CLS] hidden state [b, H] (or, for shared_pooler, the model's pooled output) -> [b, C]
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class LinearExitHead(nn.Module):
+    """PABEE/PCEE exit: dropout and a Linear on the pooled output of the model's one pretrained pooler."""
+
+    def __init__(self, config: PretrainedConfig, dropout: float) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(pooled))
+
+
+class PoolerExitHead(nn.Module):
+    """DeeBERT off-ramp: its own pooler (dense + tanh on [CLS]), dropout and a Linear."""
+
+    def __init__(self, config: PretrainedConfig, dropout: float) -> None:
+        super().__init__()
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, cls_hidden: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(torch.tanh(self.pooler(cls_hidden))))
+
+
+class ClassificationHeadExit(nn.Module):
+    """RobertaClassificationHead's shape (dropout, dense, tanh, dropout, out_proj on <s>), one per layer."""
+
+    def __init__(self, config: PretrainedConfig, dropout: float) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, cls_hidden: torch.Tensor) -> torch.Tensor:
+        hidden = self.dropout(torch.tanh(self.dense(self.dropout(cls_hidden))))
+        return self.out_proj(hidden)
+
+
+EXIT_HEAD_CLASSES: dict[str, type[nn.Module]] = {
+    "shared_pooler": LinearExitHead,
+    "pooler": PoolerExitHead,
+    "classification_head": ClassificationHeadExit,
+}
+
+
+class ExitLossWeights(nn.Module):
+    """ELBERT's learnable loss weights: wᵢ = σ(tᵢ) for i < L and w_L = L − Σ_{i<L} wᵢ.
+
+    Because σ < 1, w_L > 1 always in exact arithmetic; the clamp only guards against rounding, so that the last
+    exit can never lose its weight (PCEE's ``desc`` bug gave it weight 0)."""
+
+    def __init__(self, num_layers: int, initial_logit: float) -> None:
+        super().__init__()
+        self.initial_logit = initial_logit
+        self.logits = nn.Parameter(torch.full((num_layers - 1,), float(initial_logit)))
+
+    def forward(self) -> torch.Tensor:
+        intermediate = torch.sigmoid(self.logits)
+        last = (len(self.logits) + 1 - intermediate.sum()).clamp(min=1e-3)
+        return torch.cat([intermediate, last[None]])
+
+
+def per_layer_losses(all_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Unweighted loss of every exit, [L]: cross-entropy, or MSE for regression (num_labels == 1)."""
+    num_layers, batch_size, num_labels = all_logits.shape
+    if num_labels == 1:
+        predictions = all_logits[..., 0].float()
+        target = labels.to(predictions.dtype).view(1, batch_size).expand(num_layers, -1)
+        return ((predictions - target) ** 2).mean(dim=1)
+    flat_logits = all_logits.float().reshape(num_layers * batch_size, num_labels)
+    flat_labels = labels.view(1, batch_size).expand(num_layers, -1).reshape(-1)
+    losses = nn.functional.cross_entropy(flat_logits, flat_labels, reduction="none")
+    return losses.view(num_layers, batch_size).mean(dim=1)
+
+
+def fixed_loss_weights(weighting: str, num_layers: int) -> torch.Tensor:
+    """The non-learned weightings as a [L] tensor (``deebert_stage2`` sums the off-ramps 1..L−1, as DeeBERT)."""
+    depth = torch.arange(1, num_layers + 1, dtype=torch.float32)
+    if weighting == "weighted":
+        return depth / depth.sum()
+    if weighting == "uniform":
+        return torch.full((num_layers,), 1.0 / num_layers)
+    if weighting == "final":
+        return (depth == num_layers).float()
+    if weighting == "ramps":
+        return (depth < num_layers).float()
+    raise ValueError(f"no fixed weights for {weighting!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The mixin with the one loop
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class MultiExitMixin:
+    """Shared multi-exit behaviour. Must come before the HF ``*PreTrainedModel`` in the bases."""
+
+    config: PretrainedConfig
+    default_exit_head_type: str = "shared_pooler"
+
+    # ---- to be supplied by each model -------------------------------------------------------------------------------
+    def _embed(
+        self,
+        input_ids: torch.Tensor | None,
+        token_type_ids: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _layer_at(self, depth: int) -> nn.Module:
+        raise NotImplementedError
+
+    def _pool(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no pretrained pooler; use another exit_head_type")
+
+    def _backbone(self) -> nn.Module:
+        raise NotImplementedError
+
+    # ---- construction -----------------------------------------------------------------------------------------------
+    def _init_exits(self, dropout: float) -> None:
+        """Build one exit head per layer (and ELBERT's weights) from the config's exit settings."""
+        configure_exits(self.config, self.default_exit_head_type)
+        head_class = EXIT_HEAD_CLASSES[self.config.exit_head_type]
+        self.exits = nn.ModuleList([head_class(self.config, dropout) for _ in range(self.num_exit_layers)])
+        self.exit_loss_weights = (
+            ExitLossWeights(self.num_exit_layers, self.config.exit_learned_weight_init)
+            if self.config.exit_loss_weighting == "learned"
+            else None
+        )
+        self.training_stage = "joint"
+
+    @property
+    def num_exit_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, ExitLossWeights):
+            init.constant_(module.logits, module.initial_logit)
+
+    # ---- training stages --------------------------------------------------------------------------------------------
+    def set_training_stage(self, stage: str) -> None:
+        """``joint``: every exit with the config's weighting. ``deebert_stage1``: backbone + final exit only.
+        ``deebert_stage2``: backbone and final exit truly frozen (requires_grad=False, dropout off, no autograd
+        graph through the layers); only the off-ramps 1..L−1 train, on the sum of their losses."""
+        if stage not in TRAINING_STAGES:
+            raise UserInputError(f"training stage must be one of {', '.join(TRAINING_STAGES)}, got {stage!r}")
+        self.training_stage = stage
+        frozen = stage == "deebert_stage2"
+        for module in (self._backbone(), self.exits[-1]):
+            module.requires_grad_(not frozen)
+        self.train(self.training)  # re-apply the dropout rule below
+
+    @property
+    def backbone_frozen(self) -> bool:
+        return self.training_stage == "deebert_stage2"
+
+    def train(self, mode: bool = True):  # noqa: ANN201 - same signature as nn.Module.train
+        super().train(mode)
+        if self.backbone_frozen:
+            self._backbone().eval()
+            self.exits[-1].eval()
+        return self
+
+    def loss_weights(self) -> torch.Tensor:
+        """The [L] weights the current stage and weighting put on each exit's loss."""
+        if self.training_stage == "deebert_stage1":
+            return fixed_loss_weights("final", self.num_exit_layers)
+        if self.training_stage == "deebert_stage2":
+            return fixed_loss_weights("ramps", self.num_exit_layers)
+        if self.config.exit_loss_weighting == "learned":
+            return self.exit_loss_weights()
+        return fixed_loss_weights(self.config.exit_loss_weighting, self.num_exit_layers)
+
+    # ---- the loop ---------------------------------------------------------------------------------------------------
+    def _exit_logits(self, depth: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.config.exit_head_type == "shared_pooler":
+            return self.exits[depth](self._pool(hidden_states))
+        return self.exits[depth](hidden_states[:, 0])
+
+    def _exit_loop(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        token_type_ids: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        tracker: ExitTracker | None = None,
+        output_hidden_states: bool = False,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Run the layers one by one, computing every exit's logits.
+
+        Without a ``tracker`` every layer runs on the whole batch and the per-layer logits (and hidden states, if
+        asked) are returned. With one, the tracker decides after each layer which rows exit; those rows leave the
+        batch (hidden states and attention mask are compacted) and the loop stops when none is left."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
+            hidden_states = self._embed(input_ids, token_type_ids, position_ids, inputs_embeds)
+            mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
+            )
+        all_logits, all_hidden = [], [hidden_states] if output_hidden_states else []
+        for depth in range(self.num_exit_layers):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
+                hidden_states = self._layer_at(depth)(hidden_states, mask)
+            logits = self._exit_logits(depth, hidden_states)
+            if tracker is None:
+                all_logits.append(logits)
+                if output_hidden_states:
+                    all_hidden.append(hidden_states)
+                continue
+            keep = tracker.update(logits, depth + 1)
+            if tracker.done:
+                break
+            if keep is not None:
+                keep = keep.to(hidden_states.device)
+                hidden_states = hidden_states[keep]
+                mask = mask[keep] if mask is not None else None
+        return all_logits, all_hidden
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: object,
+    ) -> MultiExitOutput | tuple:
+        """All exits in one pass. ``loss`` follows the training stage and the config's loss weighting."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        layer_logits, hidden_states = self._exit_loop(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+            output_hidden_states=bool(output_hidden_states),
+        )
+        all_logits = torch.stack(layer_logits)
+        loss = layer_losses = None
+        if labels is not None:
+            layer_losses = per_layer_losses(all_logits, labels)
+            loss = (self.loss_weights().to(layer_losses.device) * layer_losses).sum()
+        output = MultiExitOutput(
+            loss=loss,
+            logits=all_logits[-1],
+            all_logits=all_logits,
+            layer_losses=layer_losses,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    @torch.no_grad()
+    def early_exit(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        policy: ExitPolicy | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> EarlyExitOutput:
+        """Real early exit: layers stop running for each row as soon as ``policy`` lets it exit.
+
+        At batch size 1 this is the seeds' inference mode; for larger batches exited rows leave the batch, so each
+        row gets exactly the exit layer and answer it would get alone."""
+        if policy is None:
+            raise ValueError("early_exit needs an ExitPolicy")
+        policy.validate(self.config.num_labels, self.num_exit_layers)
+        reference = input_ids if input_ids is not None else inputs_embeds
+        tracker = ExitTracker(policy, reference.shape[0], self.num_exit_layers)
+        self._exit_loop(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, tracker=tracker)
+        device = reference.device
+        return EarlyExitOutput(logits=tracker.answer.to(device), exit_layers=tracker.exit_layer.to(device))

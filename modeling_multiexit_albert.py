@@ -1,0 +1,50 @@
+"""Multi-exit ALBERT for sequence classification.
+
+ALBERT shares its layer weights: depth i runs layer group ``int(i / (L / G))`` (G = ``num_hidden_groups``), as
+the stock ``AlbertTransformer`` does, while every depth gets its own exit head. The layer loop, heads and losses
+live in :mod:`modeling_multiexit`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AlbertConfig, AlbertModel, AlbertPreTrainedModel
+
+from modeling_multiexit import MultiExitMixin, set_exit_settings
+
+
+class MultiExitAlbertForSequenceClassification(MultiExitMixin, AlbertPreTrainedModel):
+    """ALBERT with an exit after each depth. Default exits: PABEE's Linear heads on ALBERT's pretrained pooler."""
+
+    default_exit_head_type = "shared_pooler"
+
+    def __init__(self, config: AlbertConfig, **exit_settings: object) -> None:
+        super().__init__(config)
+        set_exit_settings(config, **exit_settings)
+        self.num_labels = config.num_labels
+        self.albert = AlbertModel(config, add_pooling_layer=True)
+        self._init_exits(config.classifier_dropout_prob)
+        self.post_init()
+
+    def _embed(
+        self,
+        input_ids: torch.Tensor | None,
+        token_type_ids: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+    ) -> torch.Tensor:
+        embeddings = self.albert.embeddings(
+            input_ids, position_ids=position_ids, token_type_ids=token_type_ids, inputs_embeds=inputs_embeds
+        )
+        return self.albert.encoder.embedding_hidden_mapping_in(embeddings)
+
+    def _layer_at(self, depth: int) -> nn.Module:
+        layers_per_group = self.config.num_hidden_layers / self.config.num_hidden_groups
+        return self.albert.encoder.albert_layer_groups[int(depth / layers_per_group)]
+
+    def _pool(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.albert.pooler_activation(self.albert.pooler(hidden_states[:, 0]))
+
+    def _backbone(self) -> nn.Module:
+        return self.albert
