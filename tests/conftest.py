@@ -1,0 +1,23 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# The project's modules live at the repository root, which pytest does not put on sys.path for tests/ by itself.
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The optional shared data folder ($MULTIEXIT_SHARED_DIR, else <repo>/../shared); tests using it skip without it.
+
+    The project must work without this folder, so nothing may require it.
+    """
+    configured = os.environ.get("MULTIEXIT_SHARED_DIR")
+    path = Path(configured) if configured else REPO_ROOT.parent / "shared"
+    if not path.is_dir():
+        pytest.skip(f"shared data folder {path} not found (set MULTIEXIT_SHARED_DIR to use it)")
+    return path
