@@ -1,0 +1,154 @@
+"""Writing results and checkpoints so that nothing is lost or half-written.
+
+* :func:`append_jsonl` appends one line under an exclusive ``flock``, in one ``write`` on an ``O_APPEND`` file, so
+  two sweeps writing into the same ``exit_results.jsonl`` both survive, line by line.
+* :func:`atomic_write_text` and :func:`atomic_directory` write to a temporary name and ``os.replace`` it into place:
+  a killed run leaves either the old file/checkpoint or the new one, never a partial one that looks like a result.
+* :func:`save_training_state` / :func:`load_training_state` keep the optimizer, scheduler, step counters and every
+  RNG state in plain tensors and containers, so they load with ``torch.load(weights_only=True)`` (no pickle).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TRAINING_STATE_NAME = "training_state.pt"
+
+
+def append_jsonl(path: str, record: dict) -> None:
+    """Append ``record`` as one JSON line, atomically with respect to other writers of the same file."""
+    line = (json.dumps(record, sort_keys=True, default=_json_default) + "\n").encode("utf-8")
+    file_descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(file_descriptor, fcntl.LOCK_EX)
+        os.write(file_descriptor, line)
+        os.fsync(file_descriptor)
+    finally:
+        fcntl.flock(file_descriptor, fcntl.LOCK_UN)
+        os.close(file_descriptor)
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str) -> Iterator[str]:
+    """Yield a temporary sibling directory; on success it replaces ``path`` (the old one is removed)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    temporary = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(path)}-", dir=parent)
+    try:
+        yield temporary
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    if os.path.isdir(path):
+        # rename the old one aside first so that at every instant one complete copy exists
+        old = tempfile.mkdtemp(prefix=f".old-{os.path.basename(path)}-", dir=parent)
+        os.rmdir(old)
+        os.replace(path, old)
+        os.replace(temporary, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(temporary, path)
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """``checkpoint-<step>`` folders under ``output_dir`` with saved weights, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT_PATTERN.match(name)
+        folder = os.path.join(output_dir, name)
+        if match and os.path.isfile(os.path.join(folder, "config.json")):
+            found.append((int(match.group(1)), folder))
+    return [folder for _, folder in sorted(found)]
+
+
+def _rng_state() -> dict[str, object]:
+    numpy_state = np.random.get_state()
+    state: dict[str, object] = {
+        "python": random.getstate(),
+        "numpy": (numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, object]) -> None:
+    random.setstate(_as_tuples(state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value: object) -> object:
+    """``random.setstate`` needs tuples all the way down."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_tuples(item) for item in value)
+    return value
+
+
+def save_training_state(folder: str, optimizer: torch.optim.Optimizer, scheduler: object, progress: dict) -> None:
+    """Everything needed to resume exactly: optimizer, scheduler, counters and this process's RNG states."""
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "progress": progress,
+        "rng": _rng_state(),
+    }
+    rank = int(os.environ.get("RANK", "0"))
+    name = TRAINING_STATE_NAME if rank == 0 else f"training_state_rank{rank}.pt"
+    torch.save(state, os.path.join(folder, name))
+
+
+def load_training_state(folder: str, optimizer: torch.optim.Optimizer, scheduler: object) -> dict:
+    """Restore what :func:`save_training_state` wrote; returns the saved progress counters."""
+    rank = int(os.environ.get("RANK", "0"))
+    name = TRAINING_STATE_NAME if rank == 0 else f"training_state_rank{rank}.pt"
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        path = os.path.join(folder, TRAINING_STATE_NAME)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return state["progress"]
