@@ -227,7 +227,7 @@ class MultiExitMixin:
             if self.config.exit_loss_weighting == "learned"
             else None
         )
-        self.training_stage = "joint"
+        self.set_training_stage("joint")
 
     @property
     def num_exit_layers(self) -> int:
@@ -246,10 +246,21 @@ class MultiExitMixin:
         if stage not in TRAINING_STAGES:
             raise UserInputError(f"training stage must be one of {', '.join(TRAINING_STAGES)}, got {stage!r}")
         self.training_stage = stage
-        frozen = stage == "deebert_stage2"
-        for module in (self._backbone(), self.exits[-1]):
-            module.requires_grad_(not frozen)
+        self._backbone().requires_grad_(stage != "deebert_stage2")
+        # an exit with loss weight 0 in this stage must not move at all: with requires_grad=False it is left out of
+        # the optimizer, so not even weight decay touches it (zero gradients alone would not stop AdamW's decay)
+        for head, trains in zip(self.exits, self._exits_trained_in_stage()):
+            head.requires_grad_(trains)
         self.train(self.training)  # re-apply the dropout rule below
+
+    def _exits_trained_in_stage(self) -> list[bool]:
+        """Which exits have a non-zero loss weight now (decided without reading parameters: they may be on meta)."""
+        last = self.num_exit_layers - 1
+        if self.training_stage == "deebert_stage2":
+            return [depth != last for depth in range(self.num_exit_layers)]
+        if self.training_stage == "deebert_stage1" or self.config.exit_loss_weighting == "final":
+            return [depth == last for depth in range(self.num_exit_layers)]
+        return [True] * self.num_exit_layers
 
     @property
     def backbone_frozen(self) -> bool:
