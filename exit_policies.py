@@ -26,6 +26,7 @@ Conventions shared by all policies (the README has the table):
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
@@ -35,6 +36,7 @@ import torch
 from errors import UserInputError
 
 State = dict[str, torch.Tensor]
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -42,9 +44,21 @@ State = dict[str, torch.Tensor]
 # --------------------------------------------------------------------------------------------------------------------
 
 
+_LOGIT_BOUND = 1e30  # far beyond any real logit, yet differences of two bounded logits stay finite in float32
+
+
+def _finite_float(logits: torch.Tensor) -> torch.Tensor:
+    """float32 logits with ±inf (fp16 overflow) clamped, so softmax gives 1/0 instead of inf − inf = NaN."""
+    return logits.float().clamp(-_LOGIT_BOUND, _LOGIT_BOUND)
+
+
+def softmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(_finite_float(logits), dim=-1)
+
+
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy in nats of softmax(logits) over the last dimension, overflow- and NaN-safe (float32 result)."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    log_probs = torch.log_softmax(_finite_float(logits), dim=-1)
     probs = log_probs.exp()
     # where p == 0 (log p may be -inf for -inf logits), p·log p is 0 by continuity
     plogp = torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs))
@@ -58,7 +72,8 @@ def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def max_prob(logits: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(logits.float(), dim=-1).amax(dim=-1)
+    """Max softmax probability; a +inf logit (fp16 overflow) gives 1, not NaN."""
+    return softmax(logits).amax(dim=-1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -116,6 +131,13 @@ class ExitPolicy:
             raise UserInputError(
                 f"{self.label()} can first exit at layer {earliest}, but the model has only {num_layers} layers"
             )
+
+    def _warn_if_never_early(self, num_layers: int) -> None:
+        """Patience policies: a patience too long for the model is legal (PABEE's own sweep runs patience 3..8 on
+        any depth) and simply means full depth, so it warns instead of failing."""
+        if self.earliest_exit() > num_layers:
+            logger.warning("%s can first exit at layer %d but the model has %d layers: every example runs to the "
+                           "last layer", self.label(), self.earliest_exit(), num_layers)
 
     def earliest_exit(self) -> int:
         """The first (1-indexed) layer at which this policy can exit by its own rule."""
@@ -180,7 +202,7 @@ class PatienceExit(ExitPolicy):
                 "pabee on a regression task needs --regression_threshold > 0: two predictions only 'agree' when "
                 "they differ by less than it, so with 0 every example would run to the last layer"
             )
-        super().validate(num_labels, num_layers)
+        self._warn_if_never_early(num_layers)
 
     def earliest_exit(self) -> int:
         return self.patience + 1 if self.patience > 0 else 1
@@ -256,6 +278,11 @@ class PCEEExit(ExitPolicy):
         if self.maxprob is not None:
             _check_float("pcee maxprob", self.maxprob, 0.0, 1.0)
 
+    def validate(self, num_labels: int, num_layers: int) -> None:
+        if num_labels == 1:
+            super().validate(num_labels, num_layers)  # raises: PCEE needs class probabilities
+        self._warn_if_never_early(num_layers)
+
     def earliest_exit(self) -> int:
         return max(self.patience, 1)
 
@@ -274,7 +301,7 @@ class PCEEExit(ExitPolicy):
         else:
             confident = max_prob(logits) >= self.maxprob
         counter = torch.where(confident, state["counter"] + 1, torch.zeros_like(state["counter"]))
-        probs = torch.softmax(logits.float(), dim=-1)
+        probs = softmax(logits)
         streak_probs = torch.where(confident[:, None], state["streak_probs"] + probs, torch.zeros_like(probs))
         exits = (counter == self.patience) if self.patience > 0 else torch.zeros_like(confident)
         answer = logits
@@ -320,7 +347,7 @@ class ELBERTExit(ExitPolicy):
         return {"window_probs": torch.full((batch_size, self.window, num_labels), math.nan)}
 
     def step(self, state: State, logits: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, State]:
-        probs = torch.softmax(logits.float(), dim=-1)
+        probs = softmax(logits)
         window_probs = torch.cat([state["window_probs"][:, 1:], probs[:, None]], dim=1)
         exits = normalized_entropy(logits) < self.delta
         if layer >= self.window:

@@ -178,8 +178,14 @@ class Calibration:
     reached_target: bool
 
 
+def _knob(template: ExitPolicy) -> tuple[str, float, float, bool]:
+    if template.name == "pcee" and template.maxprob is not None:  # PCEE-v1: confident when max-prob >= knob
+        return ("maxprob", 0.0, 1.0, False)
+    return _KNOBS[template.name]
+
+
 def _with_knob(template: ExitPolicy, value: float) -> ExitPolicy:
-    knob = _KNOBS[template.name][0]
+    knob = _knob(template)[0]
     params = template.params()
     params[knob] = value
     return type(template)(**params)
@@ -219,7 +225,7 @@ def calibrate(
         return score_policy(policy, layer_logits, labels, metric_fn)
 
     if template.name in _KNOBS:
-        _, low, high, raising_is_faster = _KNOBS[template.name]
+        _, low, high, raising_is_faster = _knob(template)
         if math.isinf(high):
             high = math.log(layer_logits.shape[2]) + 1e-6  # entropy never exceeds ln C
         slow, fast = (low, high) if raising_is_faster else (high, low)

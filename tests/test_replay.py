@@ -223,11 +223,6 @@ def test_calibrate_target_speedup_is_least_aggressive(cache, template, knob, dir
     )
 
 
-@pytest.mark.xfail(
-    reason="calibrate() always sets the 'tau' knob of a pcee template, so a PCEE-v1 template (maxprob=...) becomes "
-    "PCEEExit(tau=..., maxprob=...) and raises 'pcee needs exactly one confidence threshold'",
-    strict=True,
-)
 def test_calibrate_pcee_maxprob_template(cache) -> None:
     layer_logits, labels = cache
     result = calibrate(PCEEExit(patience=2, maxprob=0.9), layer_logits, labels, accuracy, "acc", target_speedup=2.0)

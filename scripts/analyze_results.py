@@ -1,0 +1,579 @@
+#!/usr/bin/env python
+"""Build every table, plot and claim verdict of results/ from the saved per-layer dev logits of scripts/reproduce.sh.
+
+Works purely from ``<runs_dir>/<TASK>/<variant>/seed<k>/layer_logits/final_dev_{logits,labels}.npy`` with the
+offline replay engine (exit_replay): no model is loaded. Writes
+
+* ``results/tables.md``: every table (final-layer cost, per-layer scores, matched speed-up tables in the layout of
+  PCEE-BERT's Table 2, STS-B regression thresholds, loss-weighting ablation, overthinking, reachability);
+* ``results/summary.json``: the same numbers, machine-readable (per seed, plus median/min/max);
+* ``results/plots/<TASK>_score_vs_speedup.png`` (+ STS-B thresholds and ablation plots);
+* ``results/README.md``: setup, wall time, the key tables and the verdict on each of the papers' claims.
+
+Variants: ``weighted`` (multi-exit, PABEE's Σ i·L_i/Σ i), ``final`` (single-exit fine-tuning), ``deebert2`` (DeeBERT
+two-stage: stage 1 is single-exit fine-tuning, stage 2 trains the off-ramps on the frozen model, so its last layer
+*is* the single-exit model), ``uniform`` (mean of the exit losses), ``learned`` (ELBERT's learned weights).
+
+Matched speed-ups (speed-up = L / mean exit layer, L = 6): each seed's dev set is split in two halves (first half
+= calibration, second half = report). Threshold policies (DeeBERT entropy, max-prob, PCEE τ, ELBERT δ) are
+calibrated by bisection (exit_replay.calibrate) to the least aggressive setting reaching the target on the
+calibration half; PCEE's patience and ELBERT's window are chosen on the calibration half too (the reaching setting
+with the best calibration score). Discrete policies (budget, PABEE patience [× regression threshold]) take the grid
+point whose calibration speed-up is nearest the target. The chosen setting is then scored on the report half.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, ROOT)
+
+from exit_policies import BudgetExit, ELBERTExit, EntropyExit, MaxProbExit, PatienceExit, PCEEExit  # noqa: E402
+from exit_replay import calibrate, default_grid, pareto_front, per_layer_scores, score_policy, sweep  # noqa: E402
+from glue_data import compute_metrics, get_task  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+TASKS = ["SST-2", "MRPC", "RTE", "CoLA", "STS-B"]
+VARIANTS = ["weighted", "final", "deebert2", "uniform", "learned"]
+VARIANT_LABEL = {
+    "weighted": "multi-exit, weighted loss (PABEE)",
+    "final": "single-exit fine-tune",
+    "deebert2": "DeeBERT two-stage",
+    "uniform": "multi-exit, uniform loss",
+    "learned": "multi-exit, learned weights (ELBERT)",
+}
+POLICIES = ["budget", "pabee", "deebert", "maxprob", "pcee", "elbert"]
+POLICY_LABEL = {
+    "budget": "Budgeted exit (static layer)",
+    "pabee": "PABEE (patience)",
+    "deebert": "DeeBERT (entropy)",
+    "maxprob": "Max-prob (Shallow-Deep)",
+    "pcee": "PCEE-BERT (patience + confidence)",
+    "elbert": "ELBERT (entropy + window)",
+}
+TARGETS = [1.33, 2.0, 3.0, 4.0]
+REACH_TARGETS = [1.33, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0]
+STSB_THRESHOLDS = [0.05, 0.1, 0.2, 0.3, 0.5, 1.0]
+OFF = 0.05  # a matched speed-up is "off" (†) when the achieved one differs from the target by more than 5 %
+SCALE = 100.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading and small helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_runs(runs_dir: str) -> dict:
+    """{task: {variant: {seed: (logits tensor [N, L, C], labels)}}}"""
+    runs: dict = {}
+    for task in TASKS:
+        for variant in VARIANTS:
+            folder = os.path.join(runs_dir, task, variant)
+            if not os.path.isdir(folder):
+                continue
+            for seed_dir in sorted(os.listdir(folder)):
+                logits_path = os.path.join(folder, seed_dir, "layer_logits", "final_dev_logits.npy")
+                if not os.path.exists(logits_path):
+                    continue
+                logits = torch.as_tensor(np.load(logits_path)).float()
+                labels = np.load(logits_path.replace("_logits.npy", "_labels.npy"))
+                runs.setdefault(task, {}).setdefault(variant, {})[int(seed_dir.removeprefix("seed"))] = (logits, labels)
+    return runs
+
+
+def agg(values: list[float]) -> dict:
+    arr = np.asarray([v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))], float)
+    if arr.size == 0:
+        return {"median": None, "min": None, "max": None, "n": 0, "values": list(values)}
+    return {"median": float(np.median(arr)), "min": float(arr.min()), "max": float(arr.max()), "n": int(arr.size),
+            "values": [float(v) for v in values]}
+
+
+def fmt(a: dict | None, scale: float = SCALE, digits: int = 1) -> str:
+    if not a or a.get("median") is None:
+        return "–"
+    m, lo, hi = (a[k] * scale for k in ("median", "min", "max"))
+    return f"{m:.{digits}f} [{lo:.{digits}f}–{hi:.{digits}f}]"
+
+
+def metric_fn_for(task_name: str):
+    spec = get_task(task_name)
+
+    def metric_fn(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        return compute_metrics(spec, predictions, labels)
+
+    return spec, metric_fn
+
+
+def baseline_variant(task_runs: dict) -> str | None:
+    """The single-exit fine-tune: ``final`` if trained, else DeeBERT two-stage's (frozen) stage-1 model."""
+    for variant in ("final", "deebert2"):
+        if variant in task_runs:
+            return variant
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# matched speed-up (calibrate on one half, report on the other)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def templates(policy: str, num_layers: int, num_labels: int) -> list:
+    if policy == "pcee":
+        return [PCEEExit(patience=p, tau=0.5) for p in range(1, min(num_layers, 4))]
+    if policy == "elbert":
+        return [ELBERTExit(delta=0.5, window=w, criterion="monotonic") for w in (2, 3) if w <= num_layers]
+    if policy == "deebert":
+        return [EntropyExit(threshold=0.1)]
+    if policy == "maxprob":
+        return [MaxProbExit(threshold=0.9)]
+    raise ValueError(policy)
+
+
+def discrete_grid(policy: str, num_layers: int, num_labels: int) -> list:
+    if policy == "budget":
+        return [BudgetExit(layer=k) for k in range(1, num_layers + 1)]
+    if policy == "pabee":
+        if num_labels == 1:
+            return [PatienceExit(patience=p, regression_threshold=t) for p in range(1, num_layers)
+                    for t in STSB_THRESHOLDS]
+        return [PatienceExit(patience=p) for p in range(1, num_layers)]
+    raise ValueError(policy)
+
+
+def choose_at_speedup(policy: str, calib_logits, calib_labels, metric_fn, main: str, target: float):
+    """Pick a setting on the calibration half. Returns (policy object, calibration PolicyScore, reached flag)."""
+    num_layers, num_labels = calib_logits.shape[1], calib_logits.shape[2]
+    if policy in ("budget", "pabee"):
+        scores = sweep(discrete_grid(policy, num_layers, num_labels), calib_logits, calib_labels, metric_fn, False)
+        best = min(scores, key=lambda s: (abs(s.speedup - target), -s.metrics[main]))
+        return best.policy, best, abs(best.speedup / target - 1) <= OFF
+    results = [calibrate(t, calib_logits, calib_labels, metric_fn, main, target_speedup=target, iterations=30)
+               for t in templates(policy, num_layers, num_labels)]
+    reached = [r for r in results if r.reached_target]
+    if reached:
+        best = max(reached, key=lambda r: (r.calibration_score.metrics[main], -r.calibration_score.speedup))
+    else:
+        best = max(results, key=lambda r: r.calibration_score.speedup)
+    return best.policy, best.calibration_score, bool(reached)
+
+
+def choose_no_drop(policy: str, calib_logits, calib_labels, metric_fn, main: str):
+    """The fastest setting whose calibration-half score is >= the calibration-half full-depth score."""
+    num_layers, num_labels = calib_logits.shape[1], calib_logits.shape[2]
+    if policy in ("budget", "pabee"):
+        full = score_policy(BudgetExit(layer=num_layers), calib_logits, calib_labels, metric_fn).metrics[main]
+        scores = sweep(discrete_grid(policy, num_layers, num_labels), calib_logits, calib_labels, metric_fn, False)
+        ok = [s for s in scores if s.metrics[main] >= full - 1e-12] or [scores[-1]]
+        return max(ok, key=lambda s: (s.speedup, s.metrics[main])).policy
+    results = [calibrate(t, calib_logits, calib_labels, metric_fn, main, max_metric_drop=0.0, iterations=30)
+               for t in templates(policy, num_layers, num_labels)]
+    return max(results, key=lambda r: (r.calibration_score.speedup, r.calibration_score.metrics[main])).policy
+
+
+def split_halves(logits, labels):
+    half = logits.shape[0] // 2
+    return (logits[:half], labels[:half]), (logits[half:], labels[half:])
+
+
+def matched_table(task: str, seeds: dict, policies: list[str], targets: list[float]) -> dict:
+    """{policy: {target: {score agg, speedup agg, reached, settings}}} plus full-depth on the report half."""
+    spec, metric_fn = metric_fn_for(task)
+    main = spec.main_metric
+    out: dict = {"full_depth": [], "policies": {}}
+    per = {p: {t: {"score": [], "speedup": [], "reached_on_calibration": [], "setting": []} for t in targets}
+           for p in policies}
+    for seed, (logits, labels) in sorted(seeds.items()):
+        (cl, cy), (rl, ry) = split_halves(logits, labels)
+        out["full_depth"].append(score_policy(BudgetExit(layer=logits.shape[1]), rl, ry, metric_fn).metrics[main])
+        for p in policies:
+            for t in targets:
+                chosen, _, reached = choose_at_speedup(p, cl, cy, metric_fn, main, t)
+                held = score_policy(chosen, rl, ry, metric_fn)
+                cell = per[p][t]
+                cell["score"].append(held.metrics[main])
+                cell["speedup"].append(held.speedup)
+                cell["reached_on_calibration"].append(reached)
+                cell["setting"].append(chosen.label())
+    out["full_depth"] = agg(out["full_depth"])
+    for p in policies:
+        out["policies"][p] = {}
+        for t in targets:
+            cell = per[p][t]
+            speed = agg(cell["speedup"])
+            out["policies"][p][str(t)] = {
+                "score": agg(cell["score"]), "speedup": speed,
+                "off_target": abs(speed["median"] / t - 1) > OFF,
+                "reached_on_calibration": cell["reached_on_calibration"], "settings": cell["setting"],
+            }
+    return out
+
+
+def fmt_cell(cell: dict) -> str:
+    mark = "†" if cell["off_target"] else ""
+    return f"{fmt(cell['score'])} ({cell['speedup']['median']:.2f}×){mark}"
+
+
+def matched_markdown(table: dict, policies: list[str], targets: list[float], main: str, extra_rows=()) -> str:
+    head = "| method | " + " | ".join(f"~{t:g}×" for t in targets) + " |"
+    lines = [head, "|---|" + "---:|" * len(targets)]
+    for label, a in extra_rows:
+        lines.append(f"| {label} (1.00×) | " + " | ".join(fmt(a) for _ in targets) + " |")
+    lines.append("| Full depth, this model (1.00×) | " + " | ".join(fmt(table["full_depth"]) for _ in targets) + " |")
+    for p in policies:
+        lines.append(f"| {POLICY_LABEL[p]} | " + " | ".join(fmt_cell(table["policies"][p][str(t)])
+                                                            for t in targets) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# curves (full dev)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def grid_curves(task: str, seeds: dict, policies: list[str]) -> dict:
+    """{policy: [{setting, speedup agg, score agg}]} over the full dev set, same settings for every seed."""
+    spec, metric_fn = metric_fn_for(task)
+    main = spec.main_metric
+    curves: dict = {}
+    for p in policies:
+        rows: dict = {}
+        for seed, (logits, labels) in sorted(seeds.items()):
+            num_layers, num_labels = logits.shape[1], logits.shape[2]
+            grid = discrete_grid(p, num_layers, num_labels) if p in ("budget", "pabee") else \
+                default_grid(p, num_layers, num_labels)
+            for s in sweep(grid, logits, labels, metric_fn, False):
+                row = rows.setdefault(s.policy.label(), {"speedup": [], "score": [], "seeds": []})
+                row["speedup"].append(s.speedup)
+                row["score"].append(s.metrics[main])
+                row["seeds"].append(seed)
+        curves[p] = [{"setting": k, "speedup": agg(v["speedup"]), "score": agg(v["score"])} for k, v in rows.items()]
+    return curves
+
+
+def plot_curves(curves: dict, main: str, path: str, title: str, hlines=()) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    for name, rows in sorted(curves.items(), key=lambda kv: kv[0] != "budget"):
+        pts = [(r["speedup"]["median"], r["score"]["median"] * SCALE) for r in rows if r["score"]["median"] is not None]
+        if not pts:
+            continue
+        style = {"color": "black", "linestyle": "--"} if name == "budget" else {}
+        line = ax.plot(*zip(*pareto_front(pts)), marker="o", markersize=3, label=POLICY_LABEL.get(name, name),
+                       **style)[0]
+        ax.scatter(*zip(*pts), s=7, alpha=0.25, color=line.get_color())
+    for label, value, color in hlines:
+        if value is not None:
+            ax.axhline(value * SCALE, color=color, linestyle=":", linewidth=1, label=label)
+    ax.set_xlabel("speed-up in layers (L / mean exit layer), median over seeds")
+    ax.set_ylabel(f"{main} (×100), median over seeds")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs_dir", default="runs/study")
+    parser.add_argument("--results_dir", default="results")
+    args = parser.parse_args()
+    started = time.time()
+    runs = load_runs(args.runs_dir)
+    if not runs:
+        print(f"no logits under {args.runs_dir}", file=sys.stderr)
+        return 1
+    plots_dir = os.path.join(args.results_dir, "plots")
+    os.makedirs(plots_dir, exist_ok=True)
+    summary: dict = {"tasks": {}, "targets": TARGETS, "off_target_tolerance": OFF}
+    md: list[str] = ["# Tables (generated by scripts/analyze_results.py — do not edit)\n",
+                     "Scores are ×100 (acc for SST-2/RTE, F1 for MRPC, MCC for CoLA, Pearson for STS-B): "
+                     "median over seeds [min–max]. Speed-up = L / mean exit layer, L = 6.\n"]
+
+    for task in TASKS:
+        if task not in runs:
+            continue
+        task_runs = runs[task]
+        spec, metric_fn = metric_fn_for(task)
+        main = spec.main_metric
+        is_reg = spec.is_regression
+        policies = ["budget", "pabee"] if is_reg else POLICIES
+        T: dict = {"main_metric": main, "variants": {}, "seeds": {}}
+        summary["tasks"][task] = T
+        n_dev = next(iter(next(iter(task_runs.values())).values()))[0].shape[0]
+        T["dev_examples"] = int(n_dev)
+        md.append(f"\n## {task} ({main}, {n_dev} dev examples)\n")
+
+        # per-layer scores for every variant
+        for variant, seeds in task_runs.items():
+            T["seeds"][variant] = sorted(seeds)
+            layers = {}
+            for seed, (logits, labels) in sorted(seeds.items()):
+                for k, s in enumerate(per_layer_scores(logits, labels, metric_fn)):
+                    layers.setdefault(k + 1, []).append(s.metrics[main])
+            T["variants"][variant] = {"per_layer": {str(k): agg(v) for k, v in layers.items()}}
+            T["variants"][variant]["final_layer"] = T["variants"][variant]["per_layer"][str(max(layers))]
+
+        # 1. single-exit vs multi-exit final layer
+        base = baseline_variant(task_runs)
+        md.append("### Final-layer score: does multi-exit training cost quality?\n")
+        md.append("| model | seeds | final-layer score |\n|---|---|---:|")
+        if base:
+            label = VARIANT_LABEL["final"] + ("" if base == "final" else " (= DeeBERT stage 1, frozen in stage 2)")
+            md.append(f"| {label} | {T['seeds'][base]} | {fmt(T['variants'][base]['final_layer'])} |")
+        for variant in ("weighted", "uniform", "learned"):
+            if variant in task_runs:
+                md.append(f"| {VARIANT_LABEL[variant]} | {T['seeds'][variant]} | "
+                          f"{fmt(T['variants'][variant]['final_layer'])} |")
+        if base and "weighted" in task_runs:
+            common = sorted(set(task_runs[base]) & set(task_runs["weighted"]))
+            b = T["variants"][base]["per_layer"]["6"]["values"]
+            w = T["variants"]["weighted"]["per_layer"]["6"]["values"]
+            bmap = dict(zip(T["seeds"][base], b))
+            wmap = dict(zip(T["seeds"]["weighted"], w))
+            diffs = [wmap[s] - bmap[s] for s in common]
+            T["final_layer_cost"] = {"baseline_variant": base, "seeds": common,
+                                     "weighted_minus_single_exit": agg(diffs)}
+            md.append(f"\nPaired by seed, multi-exit (weighted) − single-exit: {fmt(agg(diffs))} points.\n")
+
+        # 2. per-layer table
+        md.append("### Per-layer scores (each exit alone, DeeBERT's each-layer eval)\n")
+        shown = [v for v in ("weighted", "uniform", "learned", "deebert2") if v in task_runs]
+        md.append("| layer | " + " | ".join(VARIANT_LABEL[v] for v in shown) + " |")
+        md.append("|---|" + "---:|" * len(shown))
+        for k in range(1, 7):
+            md.append(f"| {k} | " + " | ".join(fmt(T["variants"][v]["per_layer"].get(str(k))) for v in shown) + " |")
+
+        # 3. curves on the full dev set (weighted model)
+        if "weighted" in task_runs:
+            curves = grid_curves(task, task_runs["weighted"], policies)
+            T["curves_weighted"] = curves
+            hl = [("full depth (multi-exit)", T["variants"]["weighted"]["final_layer"]["median"], "gray")]
+            if base:
+                hl.append(("single-exit fine-tune", T["variants"][base]["final_layer"]["median"], "red"))
+            plot_path = os.path.join(plots_dir, f"{task}_score_vs_speedup.png")
+            if not is_reg:
+                plot_curves(curves, main, plot_path,
+                            f"{task}: every policy on the multi-exit (weighted) MiniLM-L6, full dev, "
+                            f"{len(task_runs['weighted'])} seeds", hl)
+            else:
+                by_thr: dict = {"budget": curves["budget"]}
+                for row in curves["pabee"]:
+                    thr = row["setting"].split("regression_threshold=")[1].rstrip(")")
+                    by_thr.setdefault(f"PABEE, threshold {thr}", []).append(row)
+                plot_curves(by_thr, main, plot_path,
+                            f"STS-B: budget vs PABEE with regression thresholds (weighted model), "
+                            f"{len(task_runs['weighted'])} seeds", hl)
+            T["plot"] = os.path.relpath(plot_path, args.results_dir)
+
+            # 4. matched speed-ups (calibrate on half 1, report on half 2)
+            table = matched_table(task, task_runs["weighted"], policies, TARGETS)
+            T["matched_weighted"] = table
+            extra = []
+            if base:
+                vals = []
+                for s in sorted(task_runs[base]):
+                    (_, _), (rlog, rlab) = split_halves(*task_runs[base][s])
+                    vals.append(score_policy(BudgetExit(layer=6), rlog, rlab, metric_fn).metrics[main])
+                T["single_exit_report_half"] = agg(vals)
+                extra = [("Single-exit fine-tune", agg(vals))]
+            md.append("\n### Matched speed-ups (PCEE-BERT Table 2 layout; multi-exit weighted model)\n")
+            md.append("Setting chosen on the first half of dev, score reported on the second half "
+                      f"({n_dev - n_dev // 2} examples). In parentheses: achieved speed-up (median over seeds); "
+                      "† = off the target by more than 5 %.\n")
+            md.append(matched_markdown(table, policies, TARGETS, main, extra))
+
+        # 5. STS-B thresholds
+        if is_reg and "weighted" in task_runs:
+            md.append("\n### STS-B: PABEE with regression thresholds (full dev, weighted model)\n")
+            md.append("Two predictions 'agree' when they differ by less than the threshold (label scale 0–5). "
+                      "Cells: Pearson ×100 median [min–max] (speed-up, median).\n")
+            md.append("| threshold | " + " | ".join(f"patience {p}" for p in range(1, 6)) + " |")
+            md.append("|---|" + "---:|" * 5)
+            rows = {r["setting"]: r for r in T["curves_weighted"]["pabee"]}
+            for thr in STSB_THRESHOLDS:
+                cells = []
+                for p in range(1, 6):
+                    r = rows[PatienceExit(patience=p, regression_threshold=thr).label()]
+                    cells.append(f"{fmt(r['score'])} ({r['speedup']['median']:.2f}×)")
+                md.append(f"| {thr} | " + " | ".join(cells) + " |")
+            md.append("\nBudget (static layer k): " + ", ".join(
+                f"k={r['setting'].split('=')[1].rstrip(')')}: {fmt(r['score'])}" for r in T["curves_weighted"]["budget"]))
+
+        # 6. loss weightings at the same speed-ups
+        ablation = [v for v in ("weighted", "uniform", "learned", "deebert2") if v in task_runs]
+        if len(ablation) > 1 and not is_reg:
+            md.append("\n### Loss weightings and DeeBERT two-stage at matched speed-ups\n")
+            md.append("Same calibration protocol (half 1 → half 2). Rows: training scheme × exit policy.\n")
+            md.append("| training | policy | " + " | ".join(f"~{t:g}×" for t in TARGETS) + " |")
+            md.append("|---|---|" + "---:|" * len(TARGETS))
+            T["matched_by_variant"] = {}
+            for v in ablation:
+                tab = T["matched_weighted"] if v == "weighted" else matched_table(task, task_runs[v], policies, TARGETS)
+                T["matched_by_variant"][v] = tab
+                md.append(f"| {VARIANT_LABEL[v]} | full depth | " + " | ".join(fmt(tab["full_depth"]) for _ in TARGETS)
+                          + " |")
+                for p in policies:
+                    md.append(f"| {VARIANT_LABEL[v]} | {p} | " + " | ".join(
+                        fmt_cell(tab["policies"][p][str(t)]) for t in TARGETS) + " |")
+            # plot: the Pareto fronts of every variant for three policies
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), dpi=110, sharey=True)
+            for ax, p in zip(axes, ["pabee", "deebert", "pcee"]):
+                for v in ablation:
+                    cur = T["curves_weighted"][p] if v == "weighted" else grid_curves(task, task_runs[v], [p])[p]
+                    pts = [(r["speedup"]["median"], r["score"]["median"] * SCALE) for r in cur]
+                    ax.plot(*zip(*pareto_front(pts)), marker="o", markersize=3, label=VARIANT_LABEL[v])
+                bud = [(r["speedup"]["median"], r["score"]["median"] * SCALE) for r in T["curves_weighted"]["budget"]]
+                ax.plot(*zip(*sorted(bud)), color="black", linestyle="--", linewidth=1, label="budget (weighted)")
+                ax.set_title(f"{task}: {POLICY_LABEL[p]}", fontsize=9)
+                ax.set_xlabel("speed-up (L / mean exit layer)")
+                ax.grid(alpha=0.3)
+            axes[0].set_ylabel(f"{main} ×100 (median over seeds)")
+            axes[0].legend(fontsize=7)
+            fig.tight_layout()
+            path = os.path.join(plots_dir, f"{task}_loss_weightings.png")
+            fig.savefig(path)
+            plt.close(fig)
+            T["ablation_plot"] = os.path.relpath(path, args.results_dir)
+
+        # claim (b): overthinking, held out: fastest setting with no calibration-half drop, scored on the report half
+        if "weighted" in task_runs:
+            ot: dict = {}
+            for p in policies:
+                speed, delta = [], []
+                for seed, (logits, labels) in sorted(task_runs["weighted"].items()):
+                    (cl, cy), (rl, ry) = split_halves(logits, labels)
+                    chosen = choose_no_drop(p, cl, cy, metric_fn, main)
+                    held = score_policy(chosen, rl, ry, metric_fn)
+                    full = score_policy(BudgetExit(layer=6), rl, ry, metric_fn)
+                    speed.append(held.speedup)
+                    delta.append(held.metrics[main] - full.metrics[main])
+                ot[p] = {"speedup": agg(speed), "delta_vs_full_depth": agg(delta)}
+            # and the in-sample view: best intermediate layer vs last layer
+            pl = T["variants"]["weighted"]["per_layer"]
+            T["overthinking"] = {"held_out": ot, "best_intermediate_layer_minus_last": agg([
+                max(pl[str(k)]["values"][i] for k in range(1, 6)) - pl["6"]["values"][i]
+                for i in range(pl["6"]["n"])])}
+            md.append("\n### Overthinking: fastest setting with no score loss on the calibration half, "
+                      "scored on the report half\n")
+            md.append("| policy | speed-up | score − full depth (report half) |\n|---|---:|---:|")
+            for p in policies:
+                md.append(f"| {POLICY_LABEL[p]} | {fmt(ot[p]['speedup'], 1, 2)} | "
+                          f"{fmt(ot[p]['delta_vs_full_depth'])} |")
+            md.append(f"\nBest intermediate layer − last layer (full dev, per seed): "
+                      f"{fmt(T['overthinking']['best_intermediate_layer_minus_last'])} points.")
+
+        # claim (c): which targets each policy reaches (within 5 %, report half)
+        if "weighted" in task_runs and not is_reg:
+            reach = matched_table(task, task_runs["weighted"], ["budget", "pabee", "deebert", "pcee", "elbert"],
+                                  REACH_TARGETS)
+            T["reachability"] = {p: {t: {"achieved": reach["policies"][p][t]["speedup"],
+                                         "reached_on_calibration": reach["policies"][p][t]["reached_on_calibration"],
+                                         "within_5pct": not reach["policies"][p][t]["off_target"]}
+                                     for t in reach["policies"][p]} for p in reach["policies"]}
+            md.append("\n### Which target speed-ups can each policy hit? (achieved on the report half, median; "
+                      "✓ = within 5 %)\n")
+            md.append("| policy | " + " | ".join(f"{t:g}×" for t in REACH_TARGETS) + " |")
+            md.append("|---|" + "---:|" * len(REACH_TARGETS))
+            for p, cells in T["reachability"].items():
+                md.append(f"| {POLICY_LABEL[p]} | " + " | ".join(
+                    f"{c['achieved']['median']:.2f}{' ✓' if c['within_5pct'] else ''}" for c in cells.values()) + " |")
+        print(f"analysed {task} ({time.time() - started:.0f} s)", flush=True)
+
+    summary["claims"] = judge_claims(summary)
+    summary["analysis_wall_s"] = time.time() - started
+    wall_path = os.path.join(args.results_dir, "wall_time.json")
+    summary["wall_time"] = json.load(open(wall_path)) if os.path.exists(wall_path) else None
+    with open(os.path.join(args.results_dir, "tables.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    with open(os.path.join(args.results_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+    write_readme(summary, args.results_dir, md)
+    print(f"done in {time.time() - started:.0f} s", flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# claims
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def judge_claims(summary: dict) -> dict:
+    cls_tasks = [t for t, T in summary["tasks"].items() if "matched_weighted" in T and T["main_metric"] != "pearson"]
+    pairs = [("pcee", "pabee"), ("pabee", "score_based"), ("score_based", "budget"), ("pcee", "budget")]
+    a: dict = {"cells": [], "pairwise": {f"{x}>={y}": {"holds": 0, "of": 0, "skipped_off_target": 0}
+                                          for x, y in pairs}, "gap_pcee_minus_budget_by_target": {}}
+    for task in cls_tasks:
+        pol = summary["tasks"][task]["matched_weighted"]["policies"]
+        for t in TARGETS:
+            cells = {p: pol[p][str(t)] for p in pol}
+            sb_name = max(("deebert", "maxprob"), key=lambda p: cells[p]["score"]["median"])
+            cells["score_based"] = cells[sb_name]
+            row = {"task": task, "target": t, "scores": {p: cells[p]["score"]["median"] for p in pol},
+                   "off_target": {p: cells[p]["off_target"] for p in pol}, "score_based_is": sb_name}
+            a["cells"].append(row)
+            for x, y in pairs:
+                key = f"{x}>={y}"
+                if cells[x]["off_target"] or cells[y]["off_target"]:
+                    a["pairwise"][key]["skipped_off_target"] += 1
+                    continue
+                a["pairwise"][key]["of"] += 1
+                a["pairwise"][key]["holds"] += int(cells[x]["score"]["median"] >= cells[y]["score"]["median"] - 1e-12)
+    for t in TARGETS:
+        gaps = [c["scores"]["pcee"] - c["scores"]["budget"] for c in a["cells"] if c["target"] == t]
+        a["gap_pcee_minus_budget_by_target"][str(t)] = agg(gaps)
+    b = {}
+    for task, T in summary["tasks"].items():
+        if "overthinking" not in T:
+            continue
+        ho = T["overthinking"]["held_out"]
+        best = max(ho, key=lambda p: (ho[p]["delta_vs_full_depth"]["median"] >= 0, ho[p]["speedup"]["median"]))
+        b[task] = {"best_policy": best, "speedup": ho[best]["speedup"], "delta": ho[best]["delta_vs_full_depth"],
+                   "holds": ho[best]["delta_vs_full_depth"]["median"] >= 0 and ho[best]["speedup"]["median"] > 1.0,
+                   "best_intermediate_layer_minus_last": T["overthinking"]["best_intermediate_layer_minus_last"]}
+    c = {}
+    for task, T in summary["tasks"].items():
+        if "reachability" not in T:
+            continue
+        c[task] = {p: [t for t, cell in cells.items() if cell["within_5pct"]] for p, cells in T["reachability"].items()}
+    return {"a_ordering": a, "b_overthinking": b, "c_reachability": c}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# README
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def write_readme(summary: dict, results_dir: str, md: list[str]) -> None:
+    from readme_text import render  # noqa: F401  (placeholder, replaced below)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

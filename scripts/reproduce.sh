@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# Reproduce the early-exit papers' main claims (PABEE, DeeBERT, PCEE-BERT, ELBERT) on real GLUE data with the real
+# all-MiniLM-L6-v2 backbone (6 layers, hidden 384), then build every table, plot and results/README.md from the saved
+# per-layer dev logits.
+#
+# WALL TIME: see results/wall_time.json (written by this script) -- measured ~MEASURED_MINUTES min on 2 CPU cores
+# shared with other jobs (run under `nice -n 10`). The defaults below are sized for that budget: each task trains on
+# the FIRST N training examples for 1 epoch (N per task below), 3 seeds. This is far less training than the papers
+# (BERT-base, full train sets, several epochs), so absolute scores are far below theirs.
+#
+# Usage:   bash scripts/reproduce.sh                    # the default (CPU-sized) study, results in results/
+#          nohup nice -n 10 bash scripts/reproduce.sh > /tmp/reproduce.log 2>&1 &
+# Scale up (e.g. on a GPU): full train sets and 3 epochs:
+#          N_SST2=all N_MRPC=all N_RTE=all N_COLA=all N_STSB=all EPOCHS=3 BATCH=32 LR=5e-5 bash scripts/reproduce.sh
+# Environment variables (defaults in brackets):
+#   RUNS_DIR [runs/study]   where run outputs (checkpoints, logits) go; gitignored
+#   RESULTS_DIR [results]   where tables, plots, summary.json and README.md go
+#   SEEDS ["1 2 3"]         training seeds (medians and spreads are over these)
+#   N_SST2 [400] N_MRPC [200] N_RTE [160] N_COLA [400] N_STSB [300]   first-N training examples ("all" = full set)
+#   EPOCHS [1] BATCH [16] LR [1e-4] WARMUP [0.1] MAX_SEQ [128] EVAL_BATCH [32]
+#   ABLATION_TASKS ["SST-2 MRPC"]   tasks that also get the uniform / learned (ELBERT) weightings
+#   KEEP_MODELS [0]         1 keeps model.safetensors of every run (otherwise deleted after the logits are saved)
+#   SKIP_TRAINING [0]       1 = only re-run the analysis on existing logits
+#   MULTIEXIT_SHARED_DIR [/work/shared]   GLUE data is read from $MULTIEXIT_SHARED_DIR/data/glue/<TASK>
+#
+# Runs that already have their logits are skipped, so an interrupted study resumes where it stopped.
+# Each run is exactly `python run_glue_with_exits.py <args>` (the list is written to results/commands.txt); they are
+# executed in one Python process via run_glue_with_exits.main(argv) only to avoid paying the ~25 s import of
+# torch/transformers 40 times on a contended 2-core machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
+[ -x "$PYTHON" ] || PYTHON=python
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+export RUNS_DIR=${RUNS_DIR:-runs/study}
+export RESULTS_DIR=${RESULTS_DIR:-results}
+export SEEDS=${SEEDS:-"1 2 3"}
+export N_SST2=${N_SST2:-400} N_MRPC=${N_MRPC:-200} N_RTE=${N_RTE:-160} N_COLA=${N_COLA:-400} N_STSB=${N_STSB:-300}
+export EPOCHS=${EPOCHS:-1} BATCH=${BATCH:-16} LR=${LR:-1e-4} WARMUP=${WARMUP:-0.1} MAX_SEQ=${MAX_SEQ:-128}
+export EVAL_BATCH=${EVAL_BATCH:-32}
+export ABLATION_TASKS=${ABLATION_TASKS:-"SST-2 MRPC"}
+export KEEP_MODELS=${KEEP_MODELS:-0}
+export GLUE_DIR=${MULTIEXIT_SHARED_DIR:-/work/shared}/data/glue
+mkdir -p "$RUNS_DIR" "$RESULTS_DIR"
+STUDY_START=$(date +%s)
+
+if [ "${SKIP_TRAINING:-0}" != 1 ]; then
+"$PYTHON" - <<'EOF'
+"""Build the run list, write it to results/commands.txt, run what is missing, time everything."""
+import json, os, shlex, shutil, sys, time
+
+env = os.environ
+runs_dir, results_dir = env["RUNS_DIR"], env["RESULTS_DIR"]
+tasks = ["SST-2", "MRPC", "RTE", "CoLA", "STS-B"]
+subset = {t: env["N_" + t.replace("-", "").upper()] for t in tasks}
+ablation = env["ABLATION_TASKS"].split()
+seeds = env["SEEDS"].split()
+
+def args_for(task, variant, seed):
+    out = os.path.join(runs_dir, task, variant, f"seed{seed}")
+    argv = ["--model_type", "bert", "--model_name_or_path", "packaged-minilm", "--task_name", task,
+            "--data_dir", os.path.join(env["GLUE_DIR"], task), "--output_dir", out, "--overwrite_output_dir",
+            "--max_seq_length", env["MAX_SEQ"], "--do_train", "--num_train_epochs", env["EPOCHS"],
+            "--per_gpu_train_batch_size", env["BATCH"], "--learning_rate", env["LR"], "--warmup_ratio",
+            env["WARMUP"], "--logging_steps", "10", "--save_steps", "0", "--seed", seed,
+            "--do_eval", "--per_gpu_eval_batch_size", env["EVAL_BATCH"], "--eval_each_highway",
+            "--save_layer_logits"]
+    if subset[task].lower() not in ("all", "0", ""):
+        argv += ["--max_train_samples", subset[task]]
+    if variant == "deebert2":
+        argv += ["--deebert_two_stage"]  # stage 1 = single-exit fine-tuning (final loss), stage 2 = off-ramps
+    else:
+        argv += ["--exit_loss", variant]
+    return out, argv
+
+plan = []
+# phase 1 (core): the multi-exit model (PABEE weighting) and the single-exit baseline for every task and seed.
+# On the ablation tasks the baseline is DeeBERT two-stage: its stage 1 *is* single-exit fine-tuning and stage 2
+# freezes the backbone and the final exit, so its final layer is the single-exit model (and we get DeeBERT's ramps).
+for seed in seeds:
+    for task in tasks:
+        plan.append((task, "weighted", seed))
+        plan.append((task, "deebert2" if task in ablation else "final", seed))
+# phase 2: the other loss weightings on the ablation tasks
+for seed in seeds:
+    for task in ablation:
+        plan += [(task, "uniform", seed), (task, "learned", seed)]
+
+with open(os.path.join(results_dir, "commands.txt"), "w") as f:
+    f.write("# every training + evaluation run of the study, in order (generated by scripts/reproduce.sh)\n")
+    f.write("# environment: HF_HUB_OFFLINE=1; each line is one run\n")
+    for task, variant, seed in plan:
+        f.write("python run_glue_with_exits.py " + shlex.join(args_for(task, variant, seed)[1]) + "\n")
+
+import run_glue_with_exits  # noqa: E402  (the runner itself; main(argv) == the command line)
+
+times_path = os.path.join(runs_dir, "run_times.jsonl")
+for i, (task, variant, seed) in enumerate(plan):
+    out, argv = args_for(task, variant, seed)
+    logits = os.path.join(out, "layer_logits", "final_dev_logits.npy")
+    if os.path.exists(logits):
+        print(f"[{i + 1}/{len(plan)}] skip {task} {variant} seed {seed} (logits exist)", flush=True)
+        continue
+    print(f"[{i + 1}/{len(plan)}] {time.strftime('%H:%M:%S')} run {task} {variant} seed {seed}", flush=True)
+    start = time.time()
+    code = run_glue_with_exits.main(argv)
+    if code != 0:
+        sys.exit(f"run failed ({code}): python run_glue_with_exits.py {shlex.join(argv)}")
+    elapsed = time.time() - start
+    with open(times_path, "a") as f:
+        f.write(json.dumps({"task": task, "variant": variant, "seed": seed, "wall_s": elapsed,
+                            "end": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+    if env["KEEP_MODELS"] != "1":
+        for name in os.listdir(out):
+            if name.endswith(".safetensors"):
+                os.remove(os.path.join(out, name))
+        shutil.rmtree(os.path.join(out, ".feature_cache"), ignore_errors=True)
+EOF
+fi
+STUDY_END=$(date +%s)
+"$PYTHON" - "$STUDY_START" "$STUDY_END" <<'EOF'
+import json, os, sys
+start, end = int(sys.argv[1]), int(sys.argv[2])
+times_path = os.path.join(os.environ["RUNS_DIR"], "run_times.jsonl")
+times = [json.loads(line) for line in open(times_path)] if os.path.exists(times_path) else []
+record = {"this_invocation_training_and_eval_wall_s": end - start,
+          "sum_of_run_wall_s": sum(t["wall_s"] for t in times), "num_runs": len(times),
+          "machine": f"{os.cpu_count()} CPU cores, shared with other jobs; runs under nice -n 10",
+          "settings": {k: os.environ[k] for k in ("SEEDS", "N_SST2", "N_MRPC", "N_RTE", "N_COLA", "N_STSB", "EPOCHS",
+                                                   "BATCH", "LR", "WARMUP", "MAX_SEQ", "EVAL_BATCH", "ABLATION_TASKS")}}
+path = os.path.join(os.environ["RESULTS_DIR"], "wall_time.json")
+if record["num_runs"] and os.environ.get("SKIP_TRAINING", "0") != "1":
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+EOF
+
+"$PYTHON" scripts/analyze_results.py --runs_dir "$RUNS_DIR" --results_dir "$RESULTS_DIR"

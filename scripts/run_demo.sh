@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The offline default job: fine-tune the packaged all-MiniLM-L6-v2 (6 layers) with an exit after every layer on the
+# bundled BBC News corpus (5 classes), then replay every exit policy from one cached pass, run real batch-size-1
+# early exit for a few settings (verified against the replay), and write exit_results.jsonl + the score-vs-speed-up
+# plot. About 5 minutes on 2 CPU cores.
+set -euo pipefail
+OUTPUT_DIR=${1:-runs/demo-bbc-news}
+PYTHON=${PYTHON:-$(dirname "$0")/../.venv/bin/python}
+[ -x "$PYTHON" ] || PYTHON=python
+
+"$PYTHON" run_glue_with_exits.py \
+  --model_type bert --model_name_or_path packaged-minilm \
+  --task_name bbc-news --max_seq_length 128 \
+  --do_train --num_train_epochs 2 --per_gpu_train_batch_size 32 --learning_rate 1e-4 --warmup_ratio 0.1 \
+  --logging_steps 20 --save_steps 0 --output_dir "$OUTPUT_DIR" --overwrite_output_dir \
+  --do_eval --per_gpu_eval_batch_size 32 --eval_each_highway --sweep_default_grids \
+  --patience 1,2,3 --early_exit_entropy 0.05,0.2 --pcee_patience 1,2 --pcee_tau 0.1,0.3 --elbert_delta 0.1
+
+# real early exit at batch size 1 for three settings, each checked example by example against the replay
+"$PYTHON" run_glue_with_exits.py \
+  --model_type bert --model_name_or_path "$OUTPUT_DIR" --task_name bbc-news --output_dir "$OUTPUT_DIR" \
+  --do_eval --per_gpu_eval_batch_size 1 --patience 2 --early_exit_entropy 0.2 --pcee_patience 2 --pcee_tau 0.3 \
+  --online --verify_online --timing_repeats 1 --timing_warmup 5
+
+echo "results: $OUTPUT_DIR/exit_results.jsonl, plot: $OUTPUT_DIR/score_vs_speedup_final.png"
