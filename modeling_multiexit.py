@@ -1,12 +1,13 @@
 """What every multi-exit encoder shares: exit heads, the papers' losses, training stages and the one layer loop.
 
 A concrete model (BERT, RoBERTa, ALBERT) subclasses its HF ``*PreTrainedModel`` together with
-:class:`MultiExitMixin` and supplies only four things:
+:class:`MultiExitMixin`, builds its backbone and supplies only what differs from a BERT-style encoder:
 
 * ``_embed(input_ids, token_type_ids, position_ids, inputs_embeds)``: the embedding output fed to layer 1;
 * ``_layer_at(depth)``: the transformer layer (module) for 0-indexed depth ``depth``;
-* ``_pool(hidden_states)``: the pretrained pooler (only used by ``shared_pooler`` exit heads);
-* ``_backbone()``: the module holding the pretrained encoder, for freezing.
+* ``_pool(hidden_states)``: the pretrained pooler (only used by ``shared_pooler`` exit heads).
+
+The backbone is found through HF's ``base_model_prefix`` (``self.bert``, ``self.albert``, ...).
 
 Everything else, including the forward, lives here once: :meth:`MultiExitMixin._exit_loop` runs the layers for
 training, all-layer evaluation, batch-size-1 early exit and batched early exit alike.
@@ -197,7 +198,11 @@ class MultiExitMixin:
     config: PretrainedConfig
     default_exit_head_type: str = "shared_pooler"
 
-    # ---- to be supplied by each model -------------------------------------------------------------------------------
+    # ---- what a model supplies (the defaults fit BERT-style encoders: embeddings + encoder.layer) -----------------
+    def _backbone(self) -> nn.Module:
+        """The pretrained encoder (``self.bert``, ``self.roberta``, ...), named by HF's ``base_model_prefix``."""
+        return getattr(self, self.base_model_prefix)
+
     def _embed(
         self,
         input_ids: torch.Tensor | None,
@@ -205,20 +210,24 @@ class MultiExitMixin:
         position_ids: torch.Tensor | None,
         inputs_embeds: torch.Tensor | None,
     ) -> torch.Tensor:
-        raise NotImplementedError
+        """The input of layer 1."""
+        return self._backbone().embeddings(
+            input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
+        )
 
     def _layer_at(self, depth: int) -> nn.Module:
-        raise NotImplementedError
+        """The transformer layer run at 0-indexed ``depth``."""
+        return self._backbone().encoder.layer[depth]
 
     def _pool(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The pretrained pooler's output, for ``shared_pooler`` exits."""
         raise NotImplementedError(f"{type(self).__name__} has no pretrained pooler; use another exit_head_type")
 
-    def _backbone(self) -> nn.Module:
-        raise NotImplementedError
-
     # ---- construction -----------------------------------------------------------------------------------------------
-    def _init_exits(self, dropout: float) -> None:
-        """Build one exit head per layer (and ELBERT's weights) from the config's exit settings."""
+    def _init_exits(self, dropout: float, exit_settings: dict[str, object]) -> None:
+        """Build one exit head per layer (and ELBERT's weights) from the config's exit settings, after applying
+        those given to the constructor (``from_pretrained(..., exit_loss_weighting="learned")``)."""
+        set_exit_settings(self.config, **exit_settings)
         configure_exits(self.config, self.default_exit_head_type)
         head_class = EXIT_HEAD_CLASSES[self.config.exit_head_type]
         self.exits = nn.ModuleList([head_class(self.config, dropout) for _ in range(self.num_exit_layers)])
@@ -304,15 +313,22 @@ class MultiExitMixin:
         Without a ``tracker`` every layer runs on the whole batch and the per-layer logits (and hidden states, if
         asked) are returned. With one, the tracker decides after each layer which rows exit; those rows leave the
         batch (hidden states and attention mask are compacted) and the loop stops when none is left."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
+        # decided once: the grad mode of the backbone (off when frozen) cannot change during the loop, and when it is
+        # the mode already in force (always so in inference) the layers run without entering a context each time
+        backbone_grad = torch.is_grad_enabled() and not self.backbone_frozen
+        same_grad_mode = backbone_grad == torch.is_grad_enabled()
+        with torch.set_grad_enabled(backbone_grad):
             hidden_states = self._embed(input_ids, token_type_ids, position_ids, inputs_embeds)
             mask = create_bidirectional_mask(
                 config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
             )
         all_logits, all_hidden = [], [hidden_states] if output_hidden_states else []
         for depth in range(self.num_exit_layers):
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
+            if same_grad_mode:
                 hidden_states = self._layer_at(depth)(hidden_states, mask)
+            else:
+                with torch.set_grad_enabled(backbone_grad):
+                    hidden_states = self._layer_at(depth)(hidden_states, mask)
             logits = self._exit_logits(depth, hidden_states)
             if tracker is None:
                 all_logits.append(logits)
@@ -323,9 +339,11 @@ class MultiExitMixin:
             if tracker.done:
                 break
             if keep is not None:
-                keep = keep.to(hidden_states.device)
-                hidden_states = hidden_states[keep]
-                mask = mask[keep] if mask is not None else None
+                # row indices found on the host (the tracker decides there), so that selecting the rows needs no
+                # second device-to-host sync, as a bool mask on the device would (its nonzero count)
+                rows = keep.nonzero()[:, 0].to(hidden_states.device, non_blocking=True)
+                hidden_states = hidden_states.index_select(0, rows)
+                mask = mask.index_select(0, rows) if mask is not None else None
         return all_logits, all_hidden
 
     def forward(

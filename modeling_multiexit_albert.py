@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import AlbertConfig, AlbertModel, AlbertPreTrainedModel
 
-from modeling_multiexit import MultiExitMixin, set_exit_settings
+from modeling_multiexit import MultiExitMixin
 
 
 class MultiExitAlbertForSequenceClassification(MultiExitMixin, AlbertPreTrainedModel):
@@ -21,10 +21,9 @@ class MultiExitAlbertForSequenceClassification(MultiExitMixin, AlbertPreTrainedM
 
     def __init__(self, config: AlbertConfig, **exit_settings: object) -> None:
         super().__init__(config)
-        set_exit_settings(config, **exit_settings)
         self.num_labels = config.num_labels
         self.albert = AlbertModel(config, add_pooling_layer=True)
-        self._init_exits(config.classifier_dropout_prob)
+        self._init_exits(config.classifier_dropout_prob, exit_settings)
         self.post_init()
 
     def _embed(
@@ -34,9 +33,8 @@ class MultiExitAlbertForSequenceClassification(MultiExitMixin, AlbertPreTrainedM
         position_ids: torch.Tensor | None,
         inputs_embeds: torch.Tensor | None,
     ) -> torch.Tensor:
-        embeddings = self.albert.embeddings(
-            input_ids, position_ids=position_ids, token_type_ids=token_type_ids, inputs_embeds=inputs_embeds
-        )
+        # ALBERT's embeddings are smaller than its hidden size; the encoder maps them up before layer 1
+        embeddings = super()._embed(input_ids, token_type_ids, position_ids, inputs_embeds)
         return self.albert.encoder.embedding_hidden_mapping_in(embeddings)
 
     def _layer_at(self, depth: int) -> nn.Module:
@@ -45,6 +43,3 @@ class MultiExitAlbertForSequenceClassification(MultiExitMixin, AlbertPreTrainedM
 
     def _pool(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.albert.pooler_activation(self.albert.pooler(hidden_states[:, 0]))
-
-    def _backbone(self) -> nn.Module:
-        return self.albert

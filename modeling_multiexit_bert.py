@@ -3,16 +3,15 @@
 Both subclass the stock HF classes and keep their module names (``bert.*`` / ``roberta.*``), so any stock
 checkpoint (``BertModel``, ``BertForSequenceClassification``, ...) loads with its backbone weights and freshly
 initialised exits, and a stock ``BertModel`` can load the backbone of our checkpoints. The layer loop, the heads and
-the losses live in :mod:`modeling_multiexit`.
+the losses live in :mod:`modeling_multiexit`; its defaults for embeddings and layers fit both models as they are.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformers import BertConfig, BertModel, BertPreTrainedModel, RobertaConfig, RobertaModel, RobertaPreTrainedModel
 
-from modeling_multiexit import MultiExitMixin, set_exit_settings
+from modeling_multiexit import MultiExitMixin
 
 
 def _classifier_dropout(config: BertConfig | RobertaConfig) -> float:
@@ -26,31 +25,13 @@ class MultiExitBertForSequenceClassification(MultiExitMixin, BertPreTrainedModel
 
     def __init__(self, config: BertConfig, **exit_settings: object) -> None:
         super().__init__(config)
-        set_exit_settings(config, **exit_settings)
         self.num_labels = config.num_labels
         self.bert = BertModel(config, add_pooling_layer=True)
-        self._init_exits(_classifier_dropout(config))
+        self._init_exits(_classifier_dropout(config), exit_settings)
         self.post_init()
-
-    def _embed(
-        self,
-        input_ids: torch.Tensor | None,
-        token_type_ids: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
-        inputs_embeds: torch.Tensor | None,
-    ) -> torch.Tensor:
-        return self.bert.embeddings(
-            input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
-        )
-
-    def _layer_at(self, depth: int) -> nn.Module:
-        return self.bert.encoder.layer[depth]
 
     def _pool(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.bert.pooler(hidden_states)
-
-    def _backbone(self) -> nn.Module:
-        return self.bert
 
 
 class MultiExitRobertaForSequenceClassification(MultiExitMixin, RobertaPreTrainedModel):
@@ -61,25 +42,7 @@ class MultiExitRobertaForSequenceClassification(MultiExitMixin, RobertaPreTraine
 
     def __init__(self, config: RobertaConfig, **exit_settings: object) -> None:
         super().__init__(config)
-        set_exit_settings(config, **exit_settings)
         self.num_labels = config.num_labels
         self.roberta = RobertaModel(config, add_pooling_layer=False)
-        self._init_exits(_classifier_dropout(config))
+        self._init_exits(_classifier_dropout(config), exit_settings)
         self.post_init()
-
-    def _embed(
-        self,
-        input_ids: torch.Tensor | None,
-        token_type_ids: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
-        inputs_embeds: torch.Tensor | None,
-    ) -> torch.Tensor:
-        return self.roberta.embeddings(
-            input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
-        )
-
-    def _layer_at(self, depth: int) -> nn.Module:
-        return self.roberta.encoder.layer[depth]
-
-    def _backbone(self) -> nn.Module:
-        return self.roberta
