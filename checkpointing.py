@@ -1,7 +1,7 @@
 """Writing results and checkpoints so that nothing is lost or half-written.
 
-* :func:`append_jsonl` appends one line under an exclusive ``flock``, in one ``write`` on an ``O_APPEND`` file, so
-  two sweeps writing into the same ``exit_results.jsonl`` both survive, line by line.
+* :func:`append_jsonl` appends one line under an exclusive ``flock`` on an ``O_APPEND`` file, so two sweeps writing
+  into the same ``exit_results.jsonl`` both survive, line by line; :func:`read_jsonl` reads it back.
 * :func:`atomic_write_text` and :func:`atomic_directory` write to a temporary name and ``os.replace`` it into place:
   a killed run leaves either the old file/checkpoint or the new one, never a partial one that looks like a result.
 * :func:`save_training_state` / :func:`load_training_state` keep the optimizer, scheduler, step counters and every
@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import random
 import re
@@ -23,21 +24,50 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from errors import UserInputError
+
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE_NAME = "training_state.pt"
 
+logger = logging.getLogger(__name__)
+
 
 def append_jsonl(path: str, record: dict) -> None:
-    """Append ``record`` as one JSON line, atomically with respect to other writers of the same file."""
-    line = (json.dumps(record, sort_keys=True, default=_json_default) + "\n").encode("utf-8")
-    file_descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    """Append ``record`` as one JSON line, atomically with respect to other writers of the same file.
+
+    The line is written under an exclusive ``flock`` (every writer of the file takes it), so lines of concurrent
+    writers never interleave whatever their length. If a writer was killed in the middle of a line, the next one
+    starts on a new line: the torn line stays unparseable (:func:`read_jsonl` skips it) but cannot corrupt the
+    records written after it.
+    """
+    line = (json.dumps(record, sort_keys=True, default=_json_default, allow_nan=True) + "\n").encode("utf-8")
+    file_descriptor = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         fcntl.flock(file_descriptor, fcntl.LOCK_EX)
-        os.write(file_descriptor, line)
+        size = os.fstat(file_descriptor).st_size
+        if size and os.pread(file_descriptor, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        view = memoryview(line)
+        while view:  # os.write may write less than asked (signals, huge lines): finish the line under the lock
+            view = view[os.write(file_descriptor, view):]
         os.fsync(file_descriptor)
     finally:
         fcntl.flock(file_descriptor, fcntl.LOCK_UN)
         os.close(file_descriptor)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The records of a JSONL file written by :func:`append_jsonl`, skipping (with a warning) torn lines."""
+    records = []
+    with open(path, encoding="utf-8") as stream:
+        for number, line in enumerate(stream, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                logger.warning("%s:%d: skipping an incomplete line (a writer was interrupted)", path, number)
+    return records
 
 
 def _json_default(value: object) -> object:
@@ -50,13 +80,23 @@ def _json_default(value: object) -> object:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str, text: str) -> None:
+    """Write ``path`` via a temporary file renamed into place: readers see the old text or the new, never a part."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; results are meant to be shared
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -70,6 +110,7 @@ def atomic_directory(path: str) -> Iterator[str]:
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     temporary = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(path)}-", dir=parent)
+    os.chmod(temporary, 0o777 & ~_umask())  # mkdtemp makes it private
     try:
         yield temporary
     except BaseException:
@@ -140,15 +181,32 @@ def save_training_state(folder: str, optimizer: torch.optim.Optimizer, scheduler
     torch.save(state, os.path.join(folder, name))
 
 
-def load_training_state(folder: str, optimizer: torch.optim.Optimizer, scheduler: object) -> dict:
-    """Restore what :func:`save_training_state` wrote; returns the saved progress counters."""
+def load_training_state(
+    folder: str, optimizer: torch.optim.Optimizer, scheduler: object, restore_rng: bool = True
+) -> dict:
+    """Restore what :func:`save_training_state` wrote; returns the saved progress counters.
+
+    With ``restore_rng=False`` the RNG states are returned under ``"rng_state"`` instead of being applied, for the
+    caller to apply with :func:`set_rng_state` at the exact point of the loop where they were saved (a resumed
+    loop creates a data iterator that the original run had created before the checkpoint, and creating one draws
+    from the global RNG).
+    """
     rank = int(os.environ.get("RANK", "0"))
     name = TRAINING_STATE_NAME if rank == 0 else f"training_state_rank{rank}.pt"
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
         path = os.path.join(folder, TRAINING_STATE_NAME)
+    if not os.path.isfile(path):
+        raise UserInputError(f"{folder} has no {TRAINING_STATE_NAME}: it is not a resumable training checkpoint")
     state = torch.load(path, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
-    return state["progress"]
+    if restore_rng:
+        _set_rng_state(state["rng"])
+        return dict(state["progress"])
+    return dict(state["progress"]) | {"rng_state": state["rng"]}
+
+
+def set_rng_state(state: dict[str, object]) -> None:
+    """Apply RNG states returned by ``load_training_state(..., restore_rng=False)``."""
+    _set_rng_state(state)

