@@ -10,15 +10,16 @@ PYTHON=${PYTHON:-$(dirname "$0")/../.venv/bin/python}
 
 "$PYTHON" run_glue_with_exits.py \
   --model_type bert --model_name_or_path packaged-minilm \
-  --task_name bbc-news --max_seq_length 128 \
-  --do_train --num_train_epochs 2 --per_gpu_train_batch_size 32 --learning_rate 1e-4 --warmup_ratio 0.1 \
+  --task_name bbc-news --max_seq_length 64 \
+  --do_train --num_train_epochs 1 --per_gpu_train_batch_size 16 --learning_rate 1e-4 --warmup_ratio 0.1 \
   --logging_steps 20 --save_steps 0 --output_dir "$OUTPUT_DIR" --overwrite_output_dir \
   --do_eval --per_gpu_eval_batch_size 32 --eval_each_highway --sweep_default_grids \
   --patience 1,2,3 --early_exit_entropy 0.05,0.2 --pcee_patience 1,2 --pcee_tau 0.1,0.3 --elbert_delta 0.1
 
 # real early exit at batch size 1 for three settings, each checked example by example against the replay
 "$PYTHON" run_glue_with_exits.py \
-  --model_type bert --model_name_or_path "$OUTPUT_DIR" --task_name bbc-news --output_dir "$OUTPUT_DIR" \
+  --model_type bert --model_name_or_path "$OUTPUT_DIR" --task_name bbc-news --max_seq_length 64 \
+  --output_dir "$OUTPUT_DIR" \
   --do_eval --per_gpu_eval_batch_size 1 --patience 2 --early_exit_entropy 0.2 --pcee_patience 2 --pcee_tau 0.3 \
   --online --verify_online --timing_repeats 1 --timing_warmup 5
 
