@@ -648,8 +648,12 @@ def build_features(
     if truncated:
         n_truncated = sum(truncated)
         if meta_file is not None:
-            with open(meta_file, "w", encoding="utf-8") as f:
+            # written under a temporary name and renamed: a concurrent run (two sweeps into one output folder) that
+            # sees the file reads it whole; the .arrow file it vouches for is renamed into place by datasets first
+            temporary = f"{meta_file}.tmp-{os.getpid()}"
+            with open(temporary, "w", encoding="utf-8") as f:
                 json.dump({"truncated": n_truncated, "examples": len(examples)}, f)
+            os.replace(temporary, meta_file)
     else:
         assert meta_file is not None  # map only skips the function when it reuses a cache file
         logger.info("reusing cached features %s", cache_file)

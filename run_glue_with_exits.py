@@ -811,8 +811,11 @@ def evaluate_checkpoint(args, accelerator, task: TaskSpec, checkpoint: str, mode
         os.makedirs(plot_dir, exist_ok=True)
         plot_path = os.path.join(plot_dir, f"score_vs_speedup_{checkpoint_name}.png")
         budget = per_layer if per_layer else []
-        plot_score_vs_speedup(list(budget) + replayed + grid_scores, task.main_metric, plot_path,
+        # drawn under a temporary name and renamed, so two sweeps into one folder never leave a half-written image
+        temporary = os.path.join(plot_dir, f".tmp-{os.getpid()}-{os.path.basename(plot_path)}")
+        plot_score_vs_speedup(list(budget) + replayed + grid_scores, task.main_metric, temporary,
                               title=f"{task.name}: {checkpoint_name}")
+        os.replace(temporary, plot_path)
         logger.info("plot written to %s", plot_path)
     return records
 
