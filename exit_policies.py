@@ -208,22 +208,31 @@ class PatienceExit(ExitPolicy):
         return self.patience + 1 if self.patience > 0 else 1
 
     def init_state(self, batch_size: int, num_labels: int) -> State:
-        return {
-            "counter": torch.zeros(batch_size, dtype=torch.long),
-            "previous": torch.full((batch_size, num_labels), math.nan),
-        }
+        # classification compares argmaxes, so only the previous layer's argmax is kept (computed once per layer);
+        # regression compares values, so the previous prediction is kept
+        counter = torch.zeros(batch_size, dtype=torch.long)
+        if num_labels == 1:
+            return {"counter": counter, "previous": torch.full((batch_size, 1), math.nan)}
+        return {"counter": counter, "previous_class": torch.full((batch_size,), -1)}
 
     def step(self, state: State, logits: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, State]:
         logits = logits.float()
-        if layer == 1:
-            agrees = torch.zeros(logits.shape[0], dtype=torch.bool)
-        elif logits.shape[-1] == 1:
-            agrees = (logits[:, 0] - state["previous"][:, 0]).abs() < (self.regression_threshold or 0.0)
+        if logits.shape[-1] == 1:
+            if layer == 1:
+                agrees = torch.zeros(logits.shape[0], dtype=torch.bool)
+            else:
+                agrees = (logits[:, 0] - state["previous"][:, 0]).abs() < (self.regression_threshold or 0.0)
+            new_state = {"previous": logits}
         else:
-            agrees = logits.argmax(dim=-1) == state["previous"].argmax(dim=-1)
-        counter = torch.where(agrees, state["counter"] + 1, torch.zeros_like(state["counter"]))
+            current_class = logits.argmax(dim=-1)
+            if layer == 1:
+                agrees = torch.zeros(logits.shape[0], dtype=torch.bool)
+            else:
+                agrees = current_class == state["previous_class"]
+            new_state = {"previous_class": current_class}
+        counter = torch.where(agrees, state["counter"] + 1, 0)
         exits = (counter == self.patience) if self.patience > 0 else torch.zeros_like(agrees)
-        return exits, logits, {"counter": counter, "previous": logits}
+        return exits, logits, {"counter": counter, **new_state}
 
 
 @dataclass(frozen=True)
@@ -290,25 +299,24 @@ class PCEEExit(ExitPolicy):
         return super().label() if self.ensemble else super().label().replace(",ensemble=False", "")
 
     def init_state(self, batch_size: int, num_labels: int) -> State:
-        return {
-            "counter": torch.zeros(batch_size, dtype=torch.long),
-            "streak_probs": torch.zeros(batch_size, num_labels),
-        }
+        state = {"counter": torch.zeros(batch_size, dtype=torch.long)}
+        if self.ensemble:  # the streak's summed probabilities only matter to the ensemble answer
+            state["streak_probs"] = torch.zeros(batch_size, num_labels)
+        return state
 
     def step(self, state: State, logits: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, State]:
         if self.tau is not None:
             confident = normalized_entropy(logits) < self.tau
         else:
             confident = max_prob(logits) >= self.maxprob
-        counter = torch.where(confident, state["counter"] + 1, torch.zeros_like(state["counter"]))
-        probs = softmax(logits)
-        streak_probs = torch.where(confident[:, None], state["streak_probs"] + probs, torch.zeros_like(probs))
+        counter = torch.where(confident, state["counter"] + 1, 0)
         exits = (counter == self.patience) if self.patience > 0 else torch.zeros_like(confident)
-        answer = logits
-        if self.ensemble:
-            mean_probs = streak_probs / counter.clamp(min=1)[:, None]
-            # log of the mean probability keeps argmax and softmax of the answer equal to the ensemble's
-            answer = torch.where(exits[:, None], mean_probs.clamp(min=1e-30).log(), logits.float())
+        if not self.ensemble:
+            return exits, logits, {"counter": counter}
+        streak_probs = torch.where(confident[:, None], state["streak_probs"] + softmax(logits), 0.0)
+        mean_probs = streak_probs / counter.clamp(min=1)[:, None]
+        # log of the mean probability keeps argmax and softmax of the answer equal to the ensemble's
+        answer = torch.where(exits[:, None], mean_probs.clamp(min=1e-30).log(), logits.float())
         return exits, answer, {"counter": counter, "streak_probs": streak_probs}
 
 
@@ -401,16 +409,30 @@ class ExitTracker:
         return self.active.numel() == 0
 
     def update(self, logits: torch.Tensor, layer: int) -> torch.Tensor | None:
-        logits = logits.detach().float().cpu()
+        # This runs after every layer, so it is kept to few tensor operations (each costs microseconds on CPU, as
+        # much as a small layer's share at batch size 1): no copy when the logits already are CPU float32, one
+        # host read of the number of exits, and no compaction when nobody or everybody leaves.
+        if logits.requires_grad or logits.dtype != torch.float32 or not logits.is_cpu:
+            logits = logits.detach().float().cpu()
         if self.state is None:
             self.state = self.policy.init_state(logits.shape[0], logits.shape[-1])
             self.answer = torch.empty(self.active.numel(), logits.shape[-1])
         exits, answer, self.state = self.policy.step(self.state, logits, layer)
+        running = self.active.numel()
         if layer >= self.num_layers:  # the last layer answers for everyone still running
-            answer = torch.where(exits[:, None], answer, logits)
-            exits = torch.ones_like(exits)
-        if not bool(exits.any()):
+            if answer is not logits:
+                answer = torch.where(exits[:, None], answer, logits)
+            num_exits = running
+        else:
+            num_exits = int(exits.sum())
+        if num_exits == 0:
             return None
+        if num_exits == running:  # everyone left (always so at batch size 1): nothing to compact
+            self.exit_layer.index_fill_(0, self.active, layer)
+            self.answer.index_copy_(0, self.active, answer.float())
+            self.active = self.active[:0]
+            self.state = {key: value[:0] for key, value in self.state.items()}
+            return torch.zeros(running, dtype=torch.bool)
         leaving = self.active[exits]
         self.exit_layer[leaving] = layer
         self.answer[leaving] = answer[exits].float()
