@@ -127,6 +127,23 @@ def atomic_directory(path: str) -> Iterator[str]:
         os.replace(temporary, path)
 
 
+@contextlib.contextmanager
+def staged_files(directory: str) -> Iterator[str]:
+    """Yield a temporary folder inside ``directory``; on success every file written there is renamed into
+    ``directory`` (each rename atomic, weights last), so no half-written file ever carries its final name. For the
+    final model, which shares ``output_dir`` with results and checkpoints and so cannot be swapped as one folder."""
+    os.makedirs(directory, exist_ok=True)
+    temporary = tempfile.mkdtemp(prefix=".tmp-staged-", dir=directory)
+    try:
+        yield temporary
+        names = sorted(os.listdir(temporary), key=lambda name: (name.endswith((".safetensors", ".bin")), name))
+        for name in names:
+            os.chmod(os.path.join(temporary, name), 0o666 & ~_umask())
+            os.replace(os.path.join(temporary, name), os.path.join(directory, name))
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
 def list_checkpoints(output_dir: str) -> list[str]:
     """``checkpoint-<step>`` folders under ``output_dir`` with saved weights, oldest first."""
     if not os.path.isdir(output_dir):

@@ -35,6 +35,7 @@ from checkpointing import (
     load_training_state,
     save_training_state,
     set_rng_state,
+    staged_files,
 )
 from errors import UserInputError
 from exit_policies import ExitPolicy, make_policy, parse_list
@@ -193,6 +194,14 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserInputError(f"--{name} must be a finite number >= 0, got {value}")
     if args.warmup_ratio > 1:
         raise UserInputError(f"--warmup_ratio must be in [0, 1], got {args.warmup_ratio}")
+    if args.timing_warmup < 0:
+        raise UserInputError(f"--timing_warmup must be >= 0, got {args.timing_warmup}")
+    for value in parse_list("--calibrate_speedup", args.calibrate_speedup, float):
+        if not (math.isfinite(value) and value >= 1):
+            raise UserInputError(f"--calibrate_speedup: a target speed-up (L / mean exit layer) is >= 1, got {value}")
+    for value in parse_list("--calibrate_max_drop", args.calibrate_max_drop, float):
+        if not 0 <= value <= 1:
+            raise UserInputError(f"--calibrate_max_drop: a drop of the main metric is in [0, 1], got {value}")
     if args.stage2_learning_rate is not None and not (math.isfinite(args.stage2_learning_rate)
                                                       and args.stage2_learning_rate >= 0):
         raise UserInputError(f"--stage2_learning_rate must be a finite number >= 0, got {args.stage2_learning_rate}")
@@ -208,6 +217,11 @@ def check_args(args: argparse.Namespace) -> None:
                 f"--output_dir {args.output_dir} already exists and is not empty; pass --overwrite_output_dir to "
                 f"train into it anyway, or --resume_from_checkpoint latest to continue"
             )
+        stale = [os.path.basename(c) for c in list_checkpoints(args.output_dir)]
+        if stale and args.resume_from_checkpoint is None:
+            logger.warning("--overwrite_output_dir: %s holds checkpoints of an earlier run (%s); those this run "
+                           "does not reach again stay, and --eval_all_checkpoints or --resume_from_checkpoint latest "
+                           "would use them: delete them for a clean run", args.output_dir, ", ".join(stale))
 
 
 # ====================================================================================================================
@@ -280,13 +294,19 @@ def load_config(args: argparse.Namespace, task: TaskSpec, path: str):  # noqa: A
     """The checkpoint's config, checked against the flags and the task before any weights are read."""
     from transformers import AutoConfig
 
+    source = args.config_name or path
     try:
-        config = AutoConfig.from_pretrained(args.config_name or path, cache_dir=args.cache_dir)
+        config = AutoConfig.from_pretrained(source, cache_dir=args.cache_dir)
     except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if os.path.isdir(source):
+            raise UserInputError(f"{source}: config.json could not be read ({reason})") from None
         raise UserInputError(
-            f"--model_name_or_path {path!r}: no such local folder, and it could not be fetched from the hub "
-            f"({str(error).strip().splitlines()[0]})"
+            f"--model_name_or_path {source!r}: no such local folder, and it could not be fetched from the hub "
+            f"({reason})"
         ) from None
+    if os.path.isdir(path):
+        check_weights_file(path)
     if config.model_type != args.model_type:
         raise UserInputError(f"{path} is a '{config.model_type}' checkpoint but --model_type is '{args.model_type}'")
     is_multi_exit = getattr(config, "exit_head_type", None) is not None
@@ -306,12 +326,32 @@ def load_config(args: argparse.Namespace, task: TaskSpec, path: str):  # noqa: A
     return config
 
 
+def check_weights_file(folder: str) -> None:
+    """A local checkpoint must have weights, and a safetensors file must have an intact header (a copy or save
+    that was cut short fails here, in a second, instead of with a traceback after the data was tokenised)."""
+    from safetensors import SafetensorError, safe_open
+
+    names = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    present = [name for name in names if os.path.isfile(os.path.join(folder, name))]
+    if not present:
+        raise UserInputError(f"{folder} has a config.json but no weights file ({', '.join(names[::2])})")
+    if present[0] == "model.safetensors":
+        try:
+            with safe_open(os.path.join(folder, "model.safetensors"), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise UserInputError(f"{folder}/model.safetensors is damaged ({error}); it was probably cut short by "
+                                 f"an interrupted copy or save: copy it again, or use another checkpoint") from None
+
+
 def model_depth(args: argparse.Namespace, config: object) -> int:
     return args.num_hidden_layers or config.num_hidden_layers
 
 
 def load_model(args: argparse.Namespace, task: TaskSpec, path: str) -> torch.nn.Module:
     """Load ``path`` into the multi-exit class of ``--model_type``, with clear errors for the usual mistakes."""
+    from safetensors import SafetensorError
+
     model_class = MODEL_CLASSES[args.model_type]
     load_config(args, task, path)  # the clear errors first
     overrides: dict[str, object] = {"num_labels": task.num_labels}
@@ -329,7 +369,7 @@ def load_model(args: argparse.Namespace, task: TaskSpec, path: str) -> torch.nn.
             **overrides,
             **{key: value for key, value in exit_settings.items() if value is not None},
         )
-    except OSError as error:  # no weights file, or an unreadable one
+    except (OSError, SafetensorError) as error:  # no weights file, or an unreadable one
         raise UserInputError(f"could not load the weights of {path}: {str(error).strip().splitlines()[0]}") from None
     missing_exits = sorted({key.split(".")[1] for key in loading_info["missing_keys"] if key.startswith("exits.")})
     if missing_exits and not args.do_train:
@@ -448,6 +488,30 @@ def find_resume_folder(args: argparse.Namespace) -> str | None:
     return folder
 
 
+# flags that decide the data order and the optimisation: resuming with other values still runs, but is no longer
+# the continuation of the interrupted run
+RESUME_SENSITIVE_FLAGS = ("task_name", "data_dir", "max_train_samples", "max_seq_length", "num_hidden_layers", "seed",
+                          "per_gpu_train_batch_size", "gradient_accumulation_steps", "deebert_two_stage", "exit_loss",
+                          "exit_head_type", "learning_rate", "stage2_learning_rate", "weight_decay")
+
+
+def warn_if_resume_differs(args: argparse.Namespace, accelerator, folder: str) -> None:  # noqa: ANN001
+    try:
+        with open(os.path.join(folder, "training_args.json"), encoding="utf-8") as stream:
+            saved = json.load(stream)
+        with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as stream:
+            saved_processes = json.load(stream).get("num_processes", accelerator.num_processes)
+    except (OSError, ValueError):
+        return
+    changed = [f"--{name} {saved.get(name)!r} -> {getattr(args, name)!r}" for name in RESUME_SENSITIVE_FLAGS
+               if name in saved and saved[name] != getattr(args, name)]
+    if saved_processes != accelerator.num_processes:
+        changed.append(f"processes {saved_processes} -> {accelerator.num_processes}")
+    if changed:
+        logger.warning("resuming from %s with different settings (%s): training continues, but it will not end "
+                       "where the interrupted run would have", folder, "; ".join(changed))
+
+
 def train(args, accelerator, model, tokenizer, train_features, eval_callback) -> None:  # noqa: ANN001
     """The training loop: every plan (one, or DeeBERT's two stages) in turn, resumable at any saved step."""
     from transformers import get_linear_schedule_with_warmup
@@ -465,6 +529,8 @@ def train(args, accelerator, model, tokenizer, train_features, eval_callback) ->
         steps_per_stage = max(1, int(math.ceil(args.num_train_epochs * steps_per_epoch)))
 
     resume_folder = find_resume_folder(args)
+    if resume_folder is not None:
+        warn_if_resume_differs(args, accelerator, resume_folder)
     global_step = 0
     for stage_index, plan in enumerate(training_plans(args)):
         unwrapped = accelerator.unwrap_model(model) if hasattr(model, "module") else model
@@ -496,6 +562,8 @@ def train(args, accelerator, model, tokenizer, train_features, eval_callback) ->
                 )
                 progress = load_training_state(resume_folder, optimizer, scheduler, restore_rng=False)
                 pending_rng = progress["rng_state"]  # applied where the original run saved it, see below
+                if accelerator.scaler is not None and "grad_scaler" in progress:
+                    accelerator.scaler.load_state_dict(progress["grad_scaler"])
                 global_step, stage_step = progress["global_step"], progress["stage_step"]
                 first_epoch = stage_step // steps_per_epoch
                 skip_batches = (stage_step % steps_per_epoch) * args.gradient_accumulation_steps
@@ -548,7 +616,10 @@ def train(args, accelerator, model, tokenizer, train_features, eval_callback) ->
                     if accelerator.is_main_process:
                         append_jsonl(os.path.join(args.output_dir, "training_log.jsonl"), record)
                 if args.save_steps > 0 and global_step % args.save_steps == 0:
-                    state = {"global_step": global_step, "stage_step": stage_step, "stage_index": stage_index}
+                    state = {"global_step": global_step, "stage_step": stage_step, "stage_index": stage_index,
+                             "num_processes": accelerator.num_processes}
+                    if accelerator.scaler is not None:  # --fp16: the loss scale is training state too
+                        state["grad_scaler"] = accelerator.scaler.state_dict()
                     folder = os.path.join(args.output_dir, f"checkpoint-{global_step}")
                     save_checkpoint(folder, accelerator, prepared_model, tokenizer, args, optimizer, scheduler, state)
                 if stage_step >= steps_per_stage:
@@ -923,9 +994,10 @@ def run(args: argparse.Namespace) -> None:
         train(args, accelerator, model, tokenizer, train_features, eval_callback)
         if accelerator.is_main_process:
             # the seeds' layout: the final model sits in output_dir itself (for --do_eval and --eval_all_checkpoints);
-            # save_pretrained writes its weights file under a temporary name and renames it into place
-            model.save_pretrained(args.output_dir, safe_serialization=True)
-            tokenizer.save_pretrained(args.output_dir)
+            # written into a temporary folder first and renamed file by file, so a kill leaves no half-written file
+            with staged_files(args.output_dir) as staging:
+                model.save_pretrained(staging, safe_serialization=True)
+                tokenizer.save_pretrained(staging)
             atomic_write_text(os.path.join(args.output_dir, "training_args.json"),
                               json.dumps(vars(args), indent=2, sort_keys=True))
         accelerator.wait_for_everyone()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -33,10 +34,20 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
+    model = make_tiny_model(root / "model")
+    damaged = root / "damaged"  # a copy cut short
+    shutil.copytree(model, damaged)
+    weights = (model / "model.safetensors").read_bytes()
+    (damaged / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    no_weights = root / "no-weights"
+    no_weights.mkdir()
+    shutil.copy(model / "config.json", no_weights / "config.json")
     return {
-        "model": make_tiny_model(root / "model"),
+        "model": model,
         "multi_exit_2_labels": make_tiny_model(root / "multi-exit", multi_exit=True),
         "data": write_sst2(root / "SST-2"),
+        "damaged": damaged,
+        "no_weights": no_weights,
     }
 
 
@@ -98,6 +109,8 @@ FLAG_CASES = {
                                     r"policy 'elbert' .* does not support regression"),
     "regression task with maxprob": (["--task_name", "stsb", "--do_eval", "--maxprob_threshold", "0.9"],
                                      r"policy 'maxprob' .* does not support regression"),
+    "calibration speed-up < 1": (["--do_eval", "--calibrate_speedup", "2,0.5"], r"--calibrate_speedup: .* got 0.5"),
+    "calibration drop NaN": (["--do_eval", "--calibrate_max_drop", "nan"], r"--calibrate_max_drop: .* got nan"),
     "fp16 with bf16": (["--do_eval", "--fp16", "--bf16"], r"choose one of --fp16 and --bf16"),
     "negative learning rate": (["--do_train", "--learning_rate=-1e-5"], r"--learning_rate must be a finite"),
     "NaN learning rate": (["--do_train", "--learning_rate", "nan"], r"--learning_rate must be a finite"),
@@ -109,6 +122,10 @@ FLAG_CASES = {
     "model folder does not exist": (["--do_eval", "--model_name_or_path", "{tmp}/no/such/model"],
                                     r"--model_name_or_path .*/no/such/model: no such folder"),
     "model folder without config": (["--do_eval", "--model_name_or_path", "{data}"], r"has no config.json"),
+    "damaged weights file": (["--do_eval", "--model_name_or_path", "{damaged}"],
+                             r"damaged/model.safetensors is damaged \(.*\); it was probably cut short"),
+    "config without weights": (["--do_train", "--model_name_or_path", "{no_weights}"],
+                               r"no-weights has a config.json but no weights file"),
     "model path is a file": (["--do_eval", "--model_name_or_path", "{data}/dev.tsv"], r"is a file"),
     "checkpoint num_labels != task": (["--task_name", "mnli", "--do_eval", "--model_name_or_path", "{multi_exit}"],
                                       r"was trained with num_labels=2 but task mnli has 3 labels"),
@@ -124,7 +141,8 @@ FLAG_CASES = {
 @pytest.mark.parametrize("case", list(FLAG_CASES))
 def test_bad_flags_give_one_clear_error_and_write_nothing(case: str, tiny: dict[str, Path], tmp_path: Path) -> None:
     flags, expected = FLAG_CASES[case]
-    names = {"tmp": tmp_path, "data": tiny["data"], "model": tiny["model"], "multi_exit": tiny["multi_exit_2_labels"]}
+    names = {"tmp": tmp_path, "data": tiny["data"], "model": tiny["model"], "multi_exit": tiny["multi_exit_2_labels"],
+             "damaged": tiny["damaged"], "no_weights": tiny["no_weights"]}
     flags = [str(flag).format(**names) for flag in flags]
     output_dir = tmp_path / "out"
     status, stderr = run_main(base_args(tiny, output_dir, *flags))

@@ -21,6 +21,7 @@ The runner runs in-process (``main(argv)``) except for the multi-process launch;
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import subprocess
@@ -33,7 +34,7 @@ from safetensors.torch import load_file
 from tiny_runs import comparable, make_tiny_model, read_details, read_records, run_main, write_sst2
 
 import run_glue_with_exits
-from checkpointing import append_jsonl, atomic_directory, list_checkpoints, read_jsonl
+from checkpointing import append_jsonl, atomic_directory, list_checkpoints, read_jsonl, staged_files
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -158,8 +159,36 @@ def test_crash_inside_atomic_directory_keeps_old_checkpoint(tmp_path: Path) -> N
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".old-")]
 
 
+def test_final_model_files_are_staged(tmp_path: Path) -> None:
+    (tmp_path / "exit_results.jsonl").write_text("{}\n")
+    with pytest.raises(KeyboardInterrupt):
+        with staged_files(str(tmp_path)) as staging:
+            Path(staging, "config.json").write_text("{}")
+            Path(staging, "model.safetensors").write_text("half")
+            raise KeyboardInterrupt
+    assert sorted(os.listdir(tmp_path)) == ["exit_results.jsonl"]
+    with staged_files(str(tmp_path)) as staging:
+        Path(staging, "config.json").write_text("{}")
+        Path(staging, "model.safetensors").write_text("weights")
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "exit_results.jsonl", "model.safetensors"]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Resume and determinism (in-process, tiny BERT with dropout 0.1)
+
+
+def test_resuming_with_other_settings_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    args = run_glue_with_exits.parse_args(["--task_name", "sst-2", "--output_dir", str(tmp_path), "--do_train"])
+    (tmp_path / "training_args.json").write_text(json.dumps(vars(args)))
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 3, "num_processes": 2}))
+    args.per_gpu_train_batch_size, args.seed = 16, 1
+
+    class OneProcess:
+        num_processes = 1
+
+    caplog.set_level(logging.WARNING)
+    run_glue_with_exits.warn_if_resume_differs(args, OneProcess(), str(tmp_path))
+    assert "--seed 42 -> 1; --per_gpu_train_batch_size 8 -> 16; processes 2 -> 1" in caplog.text
 
 SCENARIOS = {
     # 18 examples, batch 4: 5 steps per epoch; checkpoints at 3 and 6; killed during step 8 (epoch 2, mid-epoch)
