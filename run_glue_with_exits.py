@@ -606,7 +606,10 @@ def train(args, accelerator, model, tokenizer, train_features, eval_callback) ->
                 global_step += 1
                 progress_bar.update(1)
                 if args.logging_steps > 0 and global_step % args.logging_steps == 0:
-                    record = {"step": global_step, "stage": plan.stage, "loss": running_loss / max(running_count, 1),
+                    loss = running_loss / max(running_count, 1)
+                    if accelerator.num_processes > 1:  # the mean over all processes' batches, as with one process
+                        loss = accelerator.reduce(torch.tensor(loss, device=accelerator.device), "mean").item()
+                    record = {"step": global_step, "stage": plan.stage, "loss": loss,
                               "learning_rate": scheduler.get_last_lr()[0]}
                     running_loss, running_count = 0.0, 0
                     if args.evaluate_during_training:

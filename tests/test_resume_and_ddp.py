@@ -336,7 +336,7 @@ EVAL_FLAGS = ["--patience", 1, "--early_exit_entropy", "0.3,0.5,0.65", "--maxpro
 def _ddp_args(model: Path, data: Path, output_dir: Path, per_device_batch: int) -> list[object]:
     return ["--model_name_or_path", model, "--task_name", "sst-2", "--data_dir", data, "--output_dir", output_dir,
             "--max_seq_length", 32, "--do_train", "--learning_rate", "1e-3", "--warmup_steps", 1,
-            "--per_gpu_train_batch_size", per_device_batch, "--max_steps", 5, "--seed", 5]
+            "--per_gpu_train_batch_size", per_device_batch, "--max_steps", 5, "--seed", 5, "--logging_steps", 1]
 
 
 @pytest.mark.slow
@@ -359,6 +359,13 @@ def test_two_processes_train_like_one_with_the_combined_batch(two_process_run: d
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0, msg=name)
     moved = [name for name in one if name in start and not torch.equal(one[name], start[name])]
     assert len(moved) > 20  # it did train
+    # the same learning rate at every step (accelerate steps the scheduler once per process) and the same logged
+    # loss (the mean over both processes' halves of the batch)
+    log_one = read_jsonl(str(output_dir / "training_log.jsonl"))
+    log_two = read_jsonl(str(two_process_run["output_dir"] / "training_log.jsonl"))
+    assert [r["step"] for r in log_two] == [r["step"] for r in log_one] == [1, 2, 3, 4, 5]
+    assert [r["learning_rate"] for r in log_two] == pytest.approx([r["learning_rate"] for r in log_one], rel=1e-9)
+    assert [r["loss"] for r in log_two] == pytest.approx([r["loss"] for r in log_one], rel=1e-5)
 
 
 @pytest.mark.slow
