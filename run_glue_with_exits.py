@@ -229,18 +229,36 @@ def check_args(args: argparse.Namespace) -> None:
 # ====================================================================================================================
 
 
+_POLICY_FLAGS = {
+    "budget": "--budget_layer",
+    "pabee": "--patience/--regression_threshold",
+    "deebert": "--early_exit_entropy",
+    "maxprob": "--maxprob_threshold",
+    "pcee": "--pcee_patience/--pcee_tau/--pcee_maxprob",
+    "elbert": "--elbert_delta/--elbert_window/--elbert_criterion/--elbert_range",
+}
+
+
+def _policy_from_flags(name: str, **params: object) -> ExitPolicy:
+    """make_policy, with the error naming the flags the bad value came from."""
+    try:
+        return make_policy(name, **params)
+    except UserInputError as error:
+        raise UserInputError(f"{_POLICY_FLAGS[name]}: {error}") from None
+
+
 def policies_from_args(args: argparse.Namespace) -> list[ExitPolicy]:
     """The explicitly requested settings: each comma list sweeps its policy (several lists: their product)."""
     policies: list[ExitPolicy] = []
     thresholds = parse_list("--regression_threshold", args.regression_threshold, float) or [None]
     for patience in parse_list("--patience", args.patience, int):
-        policies += [make_policy("pabee", patience=patience, regression_threshold=t) for t in thresholds]
+        policies += [_policy_from_flags("pabee", patience=patience, regression_threshold=t) for t in thresholds]
     for value in parse_list("--early_exit_entropy", args.early_exit_entropy, float):
-        policies.append(make_policy("deebert", threshold=value))
+        policies.append(_policy_from_flags("deebert", threshold=value))
     for value in parse_list("--budget_layer", args.budget_layer, int):
-        policies.append(make_policy("budget", layer=value))
+        policies.append(_policy_from_flags("budget", layer=value))
     for value in parse_list("--maxprob_threshold", args.maxprob_threshold, float):
-        policies.append(make_policy("maxprob", threshold=value))
+        policies.append(_policy_from_flags("maxprob", threshold=value))
     pcee_patiences = parse_list("--pcee_patience", args.pcee_patience, int)
     pcee_taus = parse_list("--pcee_tau", args.pcee_tau, float)
     pcee_maxprobs = parse_list("--pcee_maxprob", args.pcee_maxprob, float)
@@ -249,16 +267,16 @@ def policies_from_args(args: argparse.Namespace) -> list[ExitPolicy]:
     if pcee_patiences and not (pcee_taus or pcee_maxprobs):
         raise UserInputError("--pcee_patience needs --pcee_tau (normalised entropy) or --pcee_maxprob")
     for patience in pcee_patiences:
-        policies += [make_policy("pcee", patience=patience, tau=t, ensemble=args.pcee_ensemble) for t in pcee_taus]
-        policies += [
-            make_policy("pcee", patience=patience, maxprob=m, ensemble=args.pcee_ensemble) for m in pcee_maxprobs
-        ]
+        for tau in pcee_taus:
+            policies.append(_policy_from_flags("pcee", patience=patience, tau=tau, ensemble=args.pcee_ensemble))
+        for maxprob in pcee_maxprobs:
+            policies.append(_policy_from_flags("pcee", patience=patience, maxprob=maxprob, ensemble=args.pcee_ensemble))
     elbert_ranges = parse_list("--elbert_range", args.elbert_range, float) or [None]
     for delta in parse_list("--elbert_delta", args.elbert_delta, float):
         for window in parse_list("--elbert_window", args.elbert_window, int):
             for criterion in parse_list("--elbert_criterion", args.elbert_criterion, str):
                 for range_threshold in elbert_ranges if criterion == "range" else [None]:
-                    policies.append(make_policy("elbert", delta=delta, window=window, criterion=criterion,
+                    policies.append(_policy_from_flags("elbert", delta=delta, window=window, criterion=criterion,
                                                 range_threshold=range_threshold))
     return policies
 
