@@ -172,16 +172,21 @@ def choose_at_speedup(policy: str, calib_logits, calib_labels, metric_fn, main: 
 
 
 def choose_no_drop(policy: str, calib_logits, calib_labels, metric_fn, main: str):
-    """The fastest setting whose calibration-half score is >= the calibration-half full-depth score."""
+    """The fastest setting whose calibration-half score is >= the calibration-half full-depth score.
+    Returns (policy, found); when no setting qualifies (e.g. ELBERT, whose window rule exits early even at δ = 0),
+    the answer is full depth and found = False."""
     num_layers, num_labels = calib_logits.shape[1], calib_logits.shape[2]
+    full = score_policy(BudgetExit(layer=num_layers), calib_logits, calib_labels, metric_fn).metrics[main]
     if policy in ("budget", "pabee"):
-        full = score_policy(BudgetExit(layer=num_layers), calib_logits, calib_labels, metric_fn).metrics[main]
         scores = sweep(discrete_grid(policy, num_layers, num_labels), calib_logits, calib_labels, metric_fn, False)
-        ok = [s for s in scores if s.metrics[main] >= full - 1e-12] or [scores[-1]]
-        return max(ok, key=lambda s: (s.speedup, s.metrics[main])).policy
-    results = [calibrate(t, calib_logits, calib_labels, metric_fn, main, max_metric_drop=0.0, iterations=ITERATIONS)
-               for t in templates(policy, num_layers, num_labels)]
-    return max(results, key=lambda r: (r.calibration_score.speedup, r.calibration_score.metrics[main])).policy
+        ok = [s for s in scores if s.metrics[main] >= full - 1e-12]
+    else:
+        results = [calibrate(t, calib_logits, calib_labels, metric_fn, main, max_metric_drop=0.0,
+                             iterations=ITERATIONS) for t in templates(policy, num_layers, num_labels)]
+        ok = [r.calibration_score for r in results if r.calibration_score.metrics[main] >= full - 1e-12]
+    if not ok:
+        return BudgetExit(layer=num_layers), False
+    return max(ok, key=lambda s: (s.speedup, s.metrics[main])).policy, True
 
 
 def split_halves(logits, labels):
@@ -338,6 +343,17 @@ def main() -> int:
             T["variants"][variant] = {"per_layer": {str(k): agg(v) for k, v in layers.items()}}
             T["variants"][variant]["final_layer"] = T["variants"][variant]["per_layer"][str(max(layers))]
 
+        # the constant-prediction (majority-class) score: what an exit that has learned nothing gets
+        any_labels = next(iter(next(iter(task_runs.values())).values()))[1]
+        if not is_reg:
+            majority = np.full_like(any_labels, np.bincount(any_labels.astype(int)).argmax())
+            T["majority_class_score"] = metric_fn(majority, any_labels)[main]
+            md.append(f"Majority-class (constant) prediction scores {T['majority_class_score'] * SCALE:.1f}.\n")
+        for variant in T["variants"]:
+            floor = T.get("majority_class_score", 0.0)
+            T["variants"][variant]["layers_above_majority"] = [
+                k for k in range(1, 7) if (T["variants"][variant]["per_layer"][str(k)]["median"] or 0) > floor + 0.005]
+
         # 1. single-exit vs multi-exit final layer
         base = baseline_variant(task_runs)
         md.append("### Final-layer score: does multi-exit training cost quality?\n")
@@ -470,15 +486,17 @@ def main() -> int:
         if "weighted" in task_runs:
             ot: dict = {}
             for p in policies:
-                speed, delta = [], []
+                speed, delta, found_in = [], [], 0
                 for seed, (logits, labels) in sorted(task_runs["weighted"].items()):
                     (cl, cy), (rl, ry) = split_halves(logits, labels)
-                    chosen = choose_no_drop(p, cl, cy, metric_fn, main)
+                    chosen, found = choose_no_drop(p, cl, cy, metric_fn, main)
+                    found_in += int(found)
                     held = score_policy(chosen, rl, ry, metric_fn)
                     full = score_policy(BudgetExit(layer=6), rl, ry, metric_fn)
                     speed.append(held.speedup)
                     delta.append(held.metrics[main] - full.metrics[main])
-                ot[p] = {"speedup": agg(speed), "delta_vs_full_depth": agg(delta)}
+                ot[p] = {"speedup": agg(speed), "delta_vs_full_depth": agg(delta), "seeds_with_a_no_loss_setting":
+                         found_in, "seeds": len(speed)}
             # and the in-sample view: best intermediate layer vs last layer
             pl = T["variants"]["weighted"]["per_layer"]
             T["overthinking"] = {"held_out": ot, "best_intermediate_layer_minus_last": agg([
@@ -486,10 +504,12 @@ def main() -> int:
                 for i in range(pl["6"]["n"])])}
             md.append("\n### Overthinking: fastest setting with no score loss on the calibration half, "
                       "scored on the report half\n")
-            md.append("| policy | speed-up | score − full depth (report half) |\n|---|---:|---:|")
+            md.append("Seeds where no setting keeps the calibration-half score count as full depth (1.00×, 0.0).\n")
+            md.append("| policy | seeds with a no-loss setting | speed-up | score − full depth (report half) |\n"
+                      "|---|---:|---:|---:|")
             for p in policies:
-                md.append(f"| {POLICY_LABEL[p]} | {fmt(ot[p]['speedup'], 1, 2)} | "
-                          f"{fmt(ot[p]['delta_vs_full_depth'])} |")
+                md.append(f"| {POLICY_LABEL[p]} | {ot[p]['seeds_with_a_no_loss_setting']}/{ot[p]['seeds']} | "
+                          f"{fmt(ot[p]['speedup'], 1, 2)} | {fmt(ot[p]['delta_vs_full_depth'])} |")
             md.append(f"\nBest intermediate layer − last layer (full dev, per seed): "
                       f"{fmt(T['overthinking']['best_intermediate_layer_minus_last'])} points.")
 
@@ -515,9 +535,9 @@ def main() -> int:
     summary["wall_time"] = json.load(open(wall_path)) if os.path.exists(wall_path) else None
     with open(os.path.join(args.results_dir, "tables.md"), "w") as f:
         f.write("\n".join(md) + "\n")
+    write_readme(summary, args.results_dir, md)
     with open(os.path.join(args.results_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1, default=str)
-    write_readme(summary, args.results_dir, md)
     print(f"done in {time.time() - started:.0f} s", flush=True)
     return 0
 
@@ -530,7 +550,7 @@ def main() -> int:
 def judge_claims(summary: dict) -> dict:
     cls_tasks = [t for t, T in summary["tasks"].items() if "matched_weighted" in T and T["main_metric"] != "pearson"]
     pairs = [("pcee", "pabee"), ("pabee", "score_based"), ("score_based", "budget"), ("pcee", "budget")]
-    a: dict = {"cells": [], "pairwise": {f"{x}>={y}": {"holds": 0, "of": 0, "skipped_off_target": 0}
+    a: dict = {"cells": [], "pairwise": {f"{x}>={y}": {"holds": 0, "strict": 0, "of": 0, "skipped_off_target": 0}
                                           for x, y in pairs}, "gap_pcee_minus_budget_by_target": {}}
     for task in cls_tasks:
         pol = summary["tasks"][task]["matched_weighted"]["policies"]
@@ -548,6 +568,7 @@ def judge_claims(summary: dict) -> dict:
                     continue
                 a["pairwise"][key]["of"] += 1
                 a["pairwise"][key]["holds"] += int(cells[x]["score"]["median"] >= cells[y]["score"]["median"] - 1e-12)
+                a["pairwise"][key]["strict"] += int(cells[x]["score"]["median"] > cells[y]["score"]["median"] + 1e-12)
     for t in TARGETS:
         gaps = [c["scores"]["pcee"] - c["scores"]["budget"] for c in a["cells"] if c["target"] == t]
         a["gap_pcee_minus_budget_by_target"][str(t)] = agg(gaps)
@@ -556,9 +577,10 @@ def judge_claims(summary: dict) -> dict:
         if "overthinking" not in T:
             continue
         ho = T["overthinking"]["held_out"]
-        best = max(ho, key=lambda p: (ho[p]["delta_vs_full_depth"]["median"] >= 0, ho[p]["speedup"]["median"]))
+        best = max(ho, key=lambda p: (ho[p]["delta_vs_full_depth"]["median"] >= 0, ho[p]["speedup"]["median"],
+                                      ho[p]["delta_vs_full_depth"]["median"]))
         b[task] = {"best_policy": best, "speedup": ho[best]["speedup"], "delta": ho[best]["delta_vs_full_depth"],
-                   "holds": ho[best]["delta_vs_full_depth"]["median"] >= 0 and ho[best]["speedup"]["median"] > 1.0,
+                   "holds": ho[best]["delta_vs_full_depth"]["median"] >= 0 and ho[best]["speedup"]["median"] > 1.05,
                    "best_intermediate_layer_minus_last": T["overthinking"]["best_intermediate_layer_minus_last"]}
     c = {}
     for task, T in summary["tasks"].items():
@@ -604,6 +626,27 @@ def write_readme(summary: dict, results_dir: str, md: list[str]) -> None:
       "papers' BERT-base numbers (and on some tasks near chance); what can be compared is the *relative* behaviour of "
       "the exit policies on the same models. Dev sets are used in full.\n")
 
+    learned_final, learned_mid = [], []
+    for t, T in tasks.items():
+        if "weighted" not in T["variants"]:
+            continue
+        above = T["variants"]["weighted"]["layers_above_majority"]
+        if T["main_metric"] == "pearson":  # no majority class: call a layer 'learned' at Pearson > 0.1
+            pl = T["variants"]["weighted"]["per_layer"]
+            above = [k for k in range(1, 7) if (pl[str(k)]["median"] or 0) > 0.1]
+        if 6 in above:
+            learned_final.append(t)
+        if any(k < 6 for k in above):
+            learned_mid.append(t)
+    summary["learned"] = {"final_layer_above_majority": learned_final, "some_intermediate_exit_above_majority":
+                          learned_mid}
+    w("**What this budget could and could not test.** The multi-exit model's final layer beats the majority-class "
+      f"prediction (Pearson > 0.1 for STS-B) on: {', '.join(learned_final) or 'no task'}; at least one *intermediate* "
+      f"exit (layers 1–5) does on: {', '.join(learned_mid) or 'no task'}. Where no intermediate exit has learned "
+      "anything, every policy that exits early answers with (roughly) the majority class, so ties between policies "
+      "and 'speed-ups without loss' on such tasks say nothing about the papers' claims: they are consequences of "
+      "under-training, not evidence for or against early exit. The pipeline itself scales (see the script header); "
+      "the papers' regime needs full training sets and several epochs.\n")
     w("## Setup\n")
     subsets = {t: settings.get("N_" + t.replace("-", "").upper(), "?") for t in TASKS}
     w("| task | metric | training examples (first N of train) | dev examples (all) | seeds |")
@@ -644,10 +687,13 @@ def write_readme(summary: dict, results_dir: str, md: list[str]) -> None:
       "gap widest at large speed-ups.** Compared on the median held-out score of each (classification task, target "
       "speed-up) cell of the matched-speed-up tables below; 'score-based' is the better of DeeBERT entropy and "
       "max-prob in each cell; cells where either policy misses the target speed-up by > 5 % are skipped.\n")
-    w("| comparison | holds in | skipped (off target) | verdict |\n|---|---:|---:|---|")
+    w("| comparison | ≥ holds in | of which strictly > | skipped (off target) | verdict |\n|---|---:|---:|---:|---|")
     for key, v in a["pairwise"].items():
-        w(f"| {key.replace('>=', ' ≥ ')} | {v['holds']} / {v['of']} cells | {v['skipped_off_target']} | "
-          f"{_verdict(v['holds'], v['of'])} |")
+        verdict = _verdict(v["holds"], v["of"])
+        if v["of"] and v["strict"] == 0:
+            verdict += " only as ties (no cell where it is strictly better)"
+        w(f"| {key.replace('>=', ' ≥ ')} | {v['holds']} / {v['of']} cells | {v['strict']} | "
+          f"{v['skipped_off_target']} | {verdict} |")
     gaps = a["gap_pcee_minus_budget_by_target"]
     w("\nPCEE − budget gap by target speed-up (median over classification tasks [min–max], points): " + "; ".join(
         f"~{t}×: {fmt(g, 100, 1)}" for t, g in gaps.items()) + ".")
@@ -656,14 +702,30 @@ def write_readme(summary: dict, results_dir: str, md: list[str]) -> None:
     if g_small is not None and g_large is not None:
         w(f"The gap is {'wider' if g_large > g_small else 'not wider'} at large speed-ups than at ~1.33× "
           f"({g_large * 100:.1f} vs {g_small * 100:.1f} points at the median).\n")
+    pcee_settings = [st for T in tasks.values() if "matched_weighted" in T and "pcee" in T["matched_weighted"]["policies"]
+                     for t in TARGETS for st in T["matched_weighted"]["policies"]["pcee"][str(t)]["settings"]]
+    if pcee_settings:
+        p1 = sum("patience=1," in st for st in pcee_settings)
+        w(f"\nNote on what is being compared: PCEE with patience 1 *is* DeeBERT's entropy rule (with the entropy "
+          f"normalised by ln C), and on these binary tasks max-prob is the same rule again (entropy and max "
+          f"probability are monotone in each other for two classes). The calibration picked PCEE patience 1 in {p1} "
+          f"of {len(pcee_settings)} (task, target, seed) cases, so PCEE and DeeBERT often coincide by construction; "
+          "differences then come only from the patience > 1 settings. The report halves have only "
+          + ", ".join(f"{T['dev_examples'] - T['dev_examples'] // 2} ({t})" for t, T in tasks.items())
+          + " examples, so differences of a point or two between policies are within noise.\n")
     w("**(b) Some speed-up without any score loss ('overthinking').** For each policy, the fastest setting whose "
       "score on the calibration half is at least the full-depth score there; reported: its speed-up and score "
       "change vs full depth on the report half (median over seeds).\n")
     w("| task | best policy | speed-up | score − full depth (points) | holds? | best intermediate layer − last "
       "(full dev) |\n|---|---|---:|---:|---|---:|")
     for t, v in claims["b_overthinking"].items():
+        T = tasks[t]
+        degenerate = t not in learned_final
+        verdict = ("yes, but degenerate (the full model is no better than the majority class)" if v["holds"] and
+                   degenerate else "yes" if v["holds"] else "no")
+        v["degenerate"] = degenerate
         w(f"| {t} | {v['best_policy']} | {fmt(v['speedup'], 1, 2)} | {fmt(v['delta'])} | "
-          f"{'yes' if v['holds'] else 'no'} | {fmt(v['best_intermediate_layer_minus_last'])} |")
+          f"{verdict} | {fmt(v['best_intermediate_layer_minus_last'])} |")
     w("\n**(c) PCEE reaches any target speed-up (PABEE and budget cannot).** Targets "
       + ", ".join(f"{t:g}×" for t in REACH_TARGETS) + " calibrated on the first half of dev; ✓ = achieved speed-up "
       "on the report half within 5 % of the target (median over seeds).\n")
@@ -686,11 +748,16 @@ def write_readme(summary: dict, results_dir: str, md: list[str]) -> None:
           f"{fmt(T['variants']['weighted']['final_layer'])} | {fmt(c['weighted_minus_single_exit'])} |")
     w("")
     w("## 2. Per-layer scores of the multi-exit (weighted) model\n")
-    w("| task | " + " | ".join(f"layer {k}" for k in range(1, 7)) + " |\n|---|" + "---:|" * 6)
+    w("| task | majority class | " + " | ".join(f"layer {k}" for k in range(1, 7))
+      + " | layers > majority + 0.5 |\n|---|---:|" + "---:|" * 7)
     for t, T in tasks.items():
         if "weighted" in T["variants"]:
-            w(f"| {t} | " + " | ".join(fmt(T["variants"]["weighted"]["per_layer"].get(str(k))) for k in range(1, 7))
-              + " |")
+            maj = T.get("majority_class_score")
+            w(f"| {t} | {'–' if maj is None else f'{maj * SCALE:.1f}'} | "
+              + " | ".join(fmt(T["variants"]["weighted"]["per_layer"].get(str(k))) for k in range(1, 7))
+              + f" | {', '.join(map(str, T['variants']['weighted']['layers_above_majority'])) or 'none'} |")
+    w("\nAn exit at or below the majority-class score has learned nothing usable; early-exit policies can only "
+      "trade speed for score where intermediate exits are above it.")
     w("\nOther training schemes' per-layer scores are in [`tables.md`](tables.md).\n")
     w("## 3. Score vs speed-up, every policy (multi-exit weighted model, full dev, median over seeds)\n")
     w("Lines: each policy's Pareto front over its grid of settings; faint dots: every setting; dashed black: "
@@ -706,6 +773,25 @@ def write_readme(summary: dict, results_dir: str, md: list[str]) -> None:
             w(f"![{t} loss weightings]({T['ablation_plot']})\n")
     body = "\n".join(md[2:])
     w(body.replace("\n### ", "\n#### ").replace("\n## ", "\n### "))
+    # what the plan had that is not here
+    missing = []
+    commands = os.path.join(results_dir, "commands.txt")
+    if os.path.exists(commands):
+        import re
+
+        for line in open(commands):
+            match = re.search(r"--output_dir (\S+)", line)
+            if match and not os.path.exists(os.path.join(match.group(1), "layer_logits", "final_dev_logits.npy")):
+                missing.append(match.group(1))
+    summary["missing_runs"] = missing
+    w("\n## What is missing\n")
+    if missing:
+        w(f"{len(missing)} planned run(s) of [`commands.txt`](commands.txt) did not finish before the deadline, so "
+          "the tables above use fewer seeds where they are listed here (the seed lists in each table say which "
+          "seeds were used):\n")
+        w("\n".join(f"* `{m}`" for m in missing))
+    else:
+        w("Every planned run finished.")
     with open(os.path.join(results_dir, "README.md"), "w") as f:
         f.write("\n".join(L) + "\n")
 
