@@ -269,6 +269,11 @@ def grid_curves(task: str, seeds: dict, policies: list[str]) -> dict:
     return curves
 
 
+# distinct markers and dash patterns: several policies coincide on binary tasks and must stay visible
+STYLES = [{"marker": m, "linestyle": ls} for m, ls in
+          [("s", "-"), ("^", "-."), ("v", ":"), ("D", "-"), ("x", "--"), ("P", "-."), ("*", ":"), ("o", "-")]]
+
+
 def plot_curves(curves: dict, main: str, path: str, title: str, hlines=()) -> None:
     import matplotlib
 
@@ -280,14 +285,15 @@ def plot_curves(curves: dict, main: str, path: str, title: str, hlines=()) -> No
         pts = [(r["speedup"]["median"], r["score"]["median"] * SCALE) for r in rows if r["score"]["median"] is not None]
         if not pts:
             continue
-        style = {"color": "black", "linestyle": "--"} if name == "budget" else {}
-        line = ax.plot(*zip(*pareto_front(pts)), marker="o", markersize=3, label=POLICY_LABEL.get(name, name),
-                       **style)[0]
+        style = {"color": "black", "linestyle": "--", "marker": "o"} if name == "budget" else \
+            STYLES[len(ax.get_lines()) % len(STYLES)]
+        line = ax.plot(*zip(*pareto_front(pts)), markersize=5, alpha=0.85, markerfacecolor="none",
+                       label=POLICY_LABEL.get(name, name), **style)[0]
         ax.scatter(*zip(*pts), s=7, alpha=0.25, color=line.get_color())
     for label, value, color in hlines:
         if value is not None:
             ax.axhline(value * SCALE, color=color, linestyle=":", linewidth=1, label=label)
-    ax.set_xlabel("speed-up in layers (L / mean exit layer), median over seeds")
+    ax.set_xlabel("speed-up in layers (L / mean exit layer), median over seeds; lines join Pareto-best settings")
     ax.set_ylabel(f"{main} (×100), median over seeds")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
