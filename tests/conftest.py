@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The project's modules live at the repository root, which pytest does not put on sys.path for tests/ by itself.
@@ -21,3 +22,14 @@ def shared_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data folder {path} not found (set MULTIEXIT_SHARED_DIR to use it)")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_intra_op_thread() -> object:
+    """For modules of tiny tensors (``pytestmark = pytest.mark.usefixtures("one_intra_op_thread")``): intra-op threads
+    only add synchronisation there, and OpenMP spinning on a busy 2-core machine made them 10-30x slower. The setting
+    is restored for the other modules."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -66,13 +66,7 @@ UNCONF = [0.34, 0.33, 0.33]
 LN3 = math.log(3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny tensors: intra-op threads only add synchronisation, which costs ~30x on a loaded 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 # --------------------------------------------------------------------------------------------------------------------

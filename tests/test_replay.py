@@ -33,13 +33,7 @@ from exit_replay import (
 NUM_LAYERS, NUM_LABELS = 6, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny tensors: intra-op threads only add synchronisation, which costs ~30x on a loaded 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def accuracy(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
