@@ -678,7 +678,10 @@ def spec_reference(policy, row: torch.Tensor) -> tuple[int, torch.Tensor]:
             if i == 1:
                 agrees = False
             elif num_labels == 1:
-                agrees = abs(float(row[x, 0]) - float(row[x - 1, 0])) < (policy.regression_threshold or 0.0)
+                # in float32, as the policy decides (a float64 difference can land on the other side of the
+                # threshold when it equals the threshold to float32 precision)
+                difference = (row[x, 0].float() - row[x - 1, 0].float()).abs()
+                agrees = bool(difference < (policy.regression_threshold or 0.0))
             else:
                 agrees = int(argmax[x]) == int(argmax[x - 1])
             counter = counter + 1 if agrees else 0
