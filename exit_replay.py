@@ -312,8 +312,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 def plot_score_vs_speedup(
     scores: Sequence[PolicyScore], main_metric: str, path: str, title: str = "", scale: float = 100.0
 ) -> None:
-    """Score vs speed-up (L / mean exit layer): each policy's Pareto curve plus its settings as faint dots; the
-    budgeted-exit curve is the baseline every policy should beat."""
+    """Score vs speed-up (L / mean exit layer): each policy's Pareto frontier (a step curve: the best score reachable at
+    that speed-up or more) plus its settings as faint dots; the budgeted-exit curve is the baseline to beat."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -327,7 +327,10 @@ def plot_score_vs_speedup(
     for name, group in sorted(by_policy.items(), key=lambda item: item[0] != "budget"):
         points = [(s.speedup, s.metrics[main_metric] * scale) for s in group]
         style = {"color": "black", "linestyle": "--"} if name == "budget" else {}
-        line = axes.plot(*zip(*pareto_front(points)), marker="o", markersize=3, label=name, **style)[0]
+        # a step, not a straight line, between Pareto points: for a speed-up between two settings the best score
+        # reachable is the faster setting's (no setting lies in between)
+        front = pareto_front(points)
+        line = axes.plot(*zip(*front), marker="o", markersize=3, label=name, drawstyle="steps-pre", **style)[0]
         axes.scatter(*zip(*points), s=6, alpha=0.25, color=line.get_color())
     axes.set_xlabel("speed-up in layers (L / mean exit layer)")
     axes.set_ylabel(f"{main_metric} (×{scale:g})" if scale != 1 else main_metric)
