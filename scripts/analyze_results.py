@@ -678,9 +678,9 @@ def write_readme(summary: dict, results_dir: str, md: list[str]) -> None:
     w("* Medians over seeds, spread = [min–max] over seeds.")
     if wall:
         w(f"* **Wall time** (training + evaluation of {wall.get('num_runs')} runs): "
-          f"{wall.get('this_invocation_training_and_eval_wall_s', 0) / 60:.0f} min for the whole "
-          f"`scripts/reproduce.sh` invocation (sum of per-run times {wall.get('sum_of_run_wall_s', 0) / 60:.0f} "
-          f"min), plus {summary['analysis_wall_s'] / 60:.1f} min of analysis. Machine: {wall.get('machine')}.")
+          f"{wall.get('study_elapsed_wall_s', 0) / 60:.0f} min elapsed from the first run's start to the last "
+          f"run's end, with parallel workers (sum of per-run times {wall.get('sum_of_run_wall_s', 0) / 60:.0f} min), "
+          f"plus {summary['analysis_wall_s'] / 60:.1f} min of analysis. Machine: {wall.get('machine')}.")
     w(f"* Code: runner and library at commit `{revision}`. Exact commands: [`commands.txt`](commands.txt) "
       "(each line is one `python run_glue_with_exits.py ...` run; the script runs them in one Python process).")
     w("* Reproduce: `nohup nice -n 10 bash scripts/reproduce.sh > /tmp/reproduce.log 2>&1 &` (see the script's "
@@ -792,9 +792,9 @@ def write_readme(summary: dict, results_dir: str, md: list[str]) -> None:
     summary["missing_runs"] = missing
     w("\n## What is missing\n")
     if missing:
-        w(f"{len(missing)} planned run(s) of [`commands.txt`](commands.txt) did not finish before the deadline, so "
-          "the tables above use fewer seeds where they are listed here (the seed lists in each table say which "
-          "seeds were used):\n")
+        w(f"{len(missing)} planned run(s) of [`commands.txt`](commands.txt) have no saved logits (not run before "
+          "the deadline), so they are absent from every table above; a (task, training scheme) with none of its "
+          "seeds here is simply not reported, one with some seeds uses those (each table lists its seeds):\n")
         w("\n".join(f"* `{m}`" for m in missing))
     else:
         w("Every planned run finished.")
