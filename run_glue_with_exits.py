@@ -558,7 +558,8 @@ def train(args, accelerator, model, tokenizer, train_features, eval_callback) ->
         decayed = [p for n, p in trainable if not any(k in n for k in no_decay)]
         not_decayed = [p for n, p in trainable if any(k in n for k in no_decay)]
         groups = [{"params": decayed, "weight_decay": args.weight_decay}, {"params": not_decayed, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=plan.learning_rate, eps=args.adam_epsilon)
+        # foreach: one fused update over all tensors; torch's CPU default loops per tensor (a third of a MiniLM step)
+        optimizer = torch.optim.AdamW(groups, lr=plan.learning_rate, eps=args.adam_epsilon, foreach=True)
         warmup = args.warmup_steps or int(args.warmup_ratio * steps_per_stage)
         # accelerate steps a prepared scheduler once per process per optimisation step: scale both lengths by the
         # number of processes so the learning rate at step k is the same as in a one-process run
