@@ -39,7 +39,15 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
 
 from exit_policies import BudgetExit, ELBERTExit, EntropyExit, MaxProbExit, PatienceExit, PCEEExit  # noqa: E402
-from exit_replay import calibrate, default_grid, pareto_front, per_layer_scores, score_policy, sweep  # noqa: E402
+from exit_replay import (  # noqa: E402
+    MetricFn,
+    calibrate,
+    default_grid,
+    pareto_front,
+    per_layer_scores,
+    score_policy,
+    sweep,
+)
 from glue_data import compute_metrics, get_task  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -109,7 +117,7 @@ def fmt(a: dict | None, scale: float = SCALE, digits: int = 1) -> str:
     return f"{m:.{digits}f} [{lo:.{digits}f}–{hi:.{digits}f}]"
 
 
-def metric_fn_for(task_name: str):
+def metric_fn_for(task_name: str) -> MetricFn:
     spec = get_task(task_name)
 
     def metric_fn(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -154,7 +162,9 @@ def discrete_grid(policy: str, num_layers: int, num_labels: int) -> list:
     raise ValueError(policy)
 
 
-def choose_at_speedup(policy: str, calib_logits, calib_labels, metric_fn, main: str, target: float):
+def choose_at_speedup(
+    policy: str, calib_logits: torch.Tensor, calib_labels: np.ndarray, metric_fn: MetricFn, main: str, target: float
+) -> tuple:
     """Pick a setting on the calibration half. Returns (policy object, calibration PolicyScore, reached flag)."""
     num_layers, num_labels = calib_logits.shape[1], calib_logits.shape[2]
     if policy in ("budget", "pabee"):
@@ -171,7 +181,9 @@ def choose_at_speedup(policy: str, calib_logits, calib_labels, metric_fn, main: 
     return best.policy, best.calibration_score, bool(reached)
 
 
-def choose_no_drop(policy: str, calib_logits, calib_labels, metric_fn, main: str):
+def choose_no_drop(
+    policy: str, calib_logits: torch.Tensor, calib_labels: np.ndarray, metric_fn: MetricFn, main: str
+) -> tuple:
     """The fastest setting whose calibration-half score is >= the calibration-half full-depth score.
     Returns (policy, found); when no setting qualifies (e.g. ELBERT, whose window rule exits early even at δ = 0),
     the answer is full depth and found = False."""
@@ -189,7 +201,7 @@ def choose_no_drop(policy: str, calib_logits, calib_labels, metric_fn, main: str
     return max(ok, key=lambda s: (s.speedup, s.metrics[main])).policy, True
 
 
-def split_halves(logits, labels):
+def split_halves(logits: torch.Tensor, labels: np.ndarray) -> tuple:
     half = logits.shape[0] // 2
     return (logits[:half], labels[:half]), (logits[half:], labels[half:])
 
@@ -201,7 +213,7 @@ def matched_table(task: str, seeds: dict, policies: list[str], targets: list[flo
     out: dict = {"full_depth": [], "policies": {}}
     per = {p: {t: {"score": [], "speedup": [], "reached_on_calibration": [], "setting": []} for t in targets}
            for p in policies}
-    for seed, (logits, labels) in sorted(seeds.items()):
+    for _seed, (logits, labels) in sorted(seeds.items()):
         (cl, cy), (rl, ry) = split_halves(logits, labels)
         out["full_depth"].append(score_policy(BudgetExit(layer=logits.shape[1]), rl, ry, metric_fn).metrics[main])
         for p in policies:
@@ -232,7 +244,9 @@ def fmt_cell(cell: dict) -> str:
     return f"{fmt(cell['score'])} ({cell['speedup']['median']:.2f}×){mark}"
 
 
-def matched_markdown(table: dict, policies: list[str], targets: list[float], main: str, extra_rows=()) -> str:
+def matched_markdown(
+    table: dict, policies: list[str], targets: list[float], main: str, extra_rows: tuple = ()
+) -> str:
     head = "| method | " + " | ".join(f"~{t:g}×" for t in targets) + " |"
     lines = [head, "|---|" + "---:|" * len(targets)]
     for label, a in extra_rows:
@@ -274,7 +288,7 @@ STYLES = [{"marker": m, "linestyle": ls} for m, ls in
           [("s", "-"), ("^", "-."), ("v", ":"), ("D", "-"), ("x", "--"), ("P", "-."), ("*", ":"), ("o", "-")]]
 
 
-def plot_curves(curves: dict, main: str, path: str, title: str, hlines=()) -> None:
+def plot_curves(curves: dict, main: str, path: str, title: str, hlines: tuple = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -343,7 +357,7 @@ def main() -> int:
         for variant, seeds in task_runs.items():
             T["seeds"][variant] = sorted(seeds)
             layers = {}
-            for seed, (logits, labels) in sorted(seeds.items()):
+            for _seed, (logits, labels) in sorted(seeds.items()):
                 for k, s in enumerate(per_layer_scores(logits, labels, metric_fn)):
                     layers.setdefault(k + 1, []).append(s.metrics[main])
             T["variants"][variant] = {"per_layer": {str(k): agg(v) for k, v in layers.items()}}
@@ -444,8 +458,9 @@ def main() -> int:
                     r = rows[PatienceExit(patience=p, regression_threshold=thr).label()]
                     cells.append(f"{fmt(r['score'])} ({r['speedup']['median']:.2f}×)")
                 md.append(f"| {thr} | " + " | ".join(cells) + " |")
-            md.append("\nBudget (static layer k): " + ", ".join(
-                f"k={r['setting'].split('=')[1].rstrip(')')}: {fmt(r['score'])}" for r in T["curves_weighted"]["budget"]))
+            budget_cells = [f"k={r['setting'].split('=')[1].rstrip(')')}: {fmt(r['score'])}"
+                            for r in T["curves_weighted"]["budget"]]
+            md.append("\nBudget (static layer k): " + ", ".join(budget_cells))
 
         # 6. loss weightings at the same speed-ups
         ablation = [v for v in ("weighted", "uniform", "learned", "deebert2") if v in task_runs]
@@ -493,7 +508,7 @@ def main() -> int:
             ot: dict = {}
             for p in policies:
                 speed, delta, found_in = [], [], 0
-                for seed, (logits, labels) in sorted(task_runs["weighted"].items()):
+                for _seed, (logits, labels) in sorted(task_runs["weighted"].items()):
                     (cl, cy), (rl, ry) = split_halves(logits, labels)
                     chosen, found = choose_no_drop(p, cl, cy, metric_fn, main)
                     found_in += int(found)
@@ -708,7 +723,8 @@ def write_readme(summary: dict, results_dir: str, md: list[str]) -> None:
     if g_small is not None and g_large is not None:
         w(f"The gap is {'wider' if g_large > g_small else 'not wider'} at large speed-ups than at ~1.33× "
           f"({g_large * 100:.1f} vs {g_small * 100:.1f} points at the median).\n")
-    pcee_settings = [st for T in tasks.values() if "matched_weighted" in T and "pcee" in T["matched_weighted"]["policies"]
+    pcee_settings = [st for T in tasks.values()
+                     if "matched_weighted" in T and "pcee" in T["matched_weighted"]["policies"]
                      for t in TARGETS for st in T["matched_weighted"]["policies"]["pcee"][str(t)]["settings"]]
     if pcee_settings:
         p1 = sum("patience=1," in st for st in pcee_settings)
