@@ -313,10 +313,8 @@ class MultiExitMixin:
         Without a ``tracker`` every layer runs on the whole batch and the per-layer logits (and hidden states, if
         asked) are returned. With one, the tracker decides after each layer which rows exit; those rows leave the
         batch (hidden states and attention mask are compacted) and the loop stops when none is left."""
-        # decided once: the grad mode of the backbone (off when frozen) cannot change during the loop, and when it is
-        # the mode already in force (always so in inference) the layers run without entering a context each time
+        # a frozen backbone (DeeBERT stage 2) runs without autograd; the exit heads keep the caller's grad mode
         backbone_grad = torch.is_grad_enabled() and not self.backbone_frozen
-        same_grad_mode = backbone_grad == torch.is_grad_enabled()
         with torch.set_grad_enabled(backbone_grad):
             hidden_states = self._embed(input_ids, token_type_ids, position_ids, inputs_embeds)
             mask = create_bidirectional_mask(
@@ -324,11 +322,8 @@ class MultiExitMixin:
             )
         all_logits, all_hidden = [], [hidden_states] if output_hidden_states else []
         for depth in range(self.num_exit_layers):
-            if same_grad_mode:
+            with torch.set_grad_enabled(backbone_grad):
                 hidden_states = self._layer_at(depth)(hidden_states, mask)
-            else:
-                with torch.set_grad_enabled(backbone_grad):
-                    hidden_states = self._layer_at(depth)(hidden_states, mask)
             logits = self._exit_logits(depth, hidden_states)
             if tracker is None:
                 all_logits.append(logits)

@@ -804,7 +804,7 @@ def evaluate_checkpoint(args, accelerator, task: TaskSpec, checkpoint: str, mode
         return compute_metrics(task, predictions, gold)
 
     num_layers, num_labels = layer_logits.shape[1], layer_logits.shape[2]
-    for policy in requested:
+    for policy in requested:  # this checkpoint's depth may differ from --model_name_or_path's (--eval_all_checkpoints)
         policy.validate(num_labels, num_layers)
     grid: list[ExitPolicy] = []
     if args.sweep_default_grids:
@@ -903,10 +903,9 @@ def evaluate_checkpoint(args, accelerator, task: TaskSpec, checkpoint: str, mode
         plot_dir = args.plot_data_dir or args.output_dir
         os.makedirs(plot_dir, exist_ok=True)
         plot_path = os.path.join(plot_dir, f"score_vs_speedup_{checkpoint_name}.png")
-        budget = per_layer if per_layer else []
         # drawn under a temporary name and renamed, so two sweeps into one folder never leave a half-written image
         temporary = os.path.join(plot_dir, f".tmp-{os.getpid()}-{os.path.basename(plot_path)}")
-        plot_score_vs_speedup(list(budget) + replayed + grid_scores, task.main_metric, temporary,
+        plot_score_vs_speedup(per_layer + replayed + grid_scores, task.main_metric, temporary,
                               title=f"{task.name}: {checkpoint_name}")
         os.replace(temporary, plot_path)
         logger.info("plot written to %s", plot_path)
@@ -954,9 +953,6 @@ def run(args: argparse.Namespace) -> None:
     check_args(args)
     task = get_task(args.task_name)
     requested = policies_from_args(args)
-    for policy in requested:
-        if task.is_regression and not policy.supports_regression:
-            policy.validate(1, 10**6)  # raises the clear regression error before any work
 
     # torchrun / accelerate launch set WORLD_SIZE; without a GPU, accelerate only joins the processes (gloo) if told
     # it runs on CPU, and would otherwise run WORLD_SIZE independent copies writing into the same folder
@@ -1009,9 +1005,9 @@ def run(args: argparse.Namespace) -> None:
         def eval_callback(current_model: torch.nn.Module) -> dict[str, float]:
             logits = cache_layer_logits(args, accelerator, current_model, eval_features, make_collator(tokenizer),
                                         args.per_gpu_eval_batch_size)
-            labels = np.asarray(eval_features["labels"])
-            return {f"layer_{k + 1}": compute_metrics(task, predictions_from_logits(logits[:, k]), labels)[
-                task.main_metric] for k in range(logits.shape[1])}
+            scores = per_layer_scores(logits, np.asarray(eval_features["labels"]),
+                                      lambda predictions, gold: compute_metrics(task, predictions, gold))
+            return {f"layer_{k + 1}": score.metrics[task.main_metric] for k, score in enumerate(scores)}
 
         train(args, accelerator, model, tokenizer, train_features, eval_callback)
         if accelerator.is_main_process:
