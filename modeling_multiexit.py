@@ -5,7 +5,7 @@ A concrete model (BERT, RoBERTa, ALBERT) subclasses its HF ``*PreTrainedModel`` 
 
 * ``_embed(input_ids, token_type_ids, position_ids, inputs_embeds)``: the embedding output fed to layer 1;
 * ``_layer_at(depth)``: the transformer layer (module) for 0-indexed depth ``depth``;
-* ``_pool(hidden_states)``: the pretrained pooler (only used by ``shared_pooler`` exit heads).
+* ``_pool(summary)``: the pretrained pooler applied to a [b, H] token summary (only for ``shared_pooler`` exits).
 
 The backbone is found through HF's ``base_model_prefix`` (``self.bert``, ``self.albert``, ...).
 
@@ -19,7 +19,12 @@ Exit settings are config attributes (saved with ``save_pretrained``):
   dense-tanh-dense on <s>, per layer);
 * ``exit_loss_weighting``: ``weighted`` (Σ i·Lᵢ / Σ i, default), ``uniform`` (mean of Lᵢ), ``learned``
   (ELBERT: Σ wᵢLᵢ with wᵢ = σ(tᵢ) for i < L, w_L = L − Σ_{i<L} wᵢ), ``final`` (last exit only);
-* ``exit_learned_weight_init``: the initial tᵢ of ``learned`` (ELBERT: 4.0).
+* ``exit_learned_weight_init``: the initial tᵢ of ``learned`` (ELBERT: 4.0);
+* ``exit_pooling``: what every exit reads from its layer: ``cls`` (the first token, as in all four papers; default)
+  or ``mean`` (the mean over the real tokens). ``mean`` exists for checkpoints pre-trained with mean pooling, such as
+  the sentence-transformers model all-MiniLM-L6-v2: its [CLS] state barely varies between inputs below layer 4 (a
+  logistic-regression probe on SST-2 scores the majority class at layers 1-3, mean-pooled states 75-78 %), so [CLS]
+  exits there cannot learn anything.
 """
 
 from __future__ import annotations
@@ -37,11 +42,12 @@ from errors import UserInputError
 from exit_policies import ExitPolicy, ExitTracker
 
 EXIT_HEAD_TYPES = ("shared_pooler", "pooler", "classification_head")
+EXIT_POOLINGS = ("cls", "mean")
 LOSS_WEIGHTINGS = ("weighted", "uniform", "learned", "final")
 TRAINING_STAGES = ("joint", "deebert_stage1", "deebert_stage2")
 
 
-EXIT_SETTINGS = ("exit_head_type", "exit_loss_weighting", "exit_learned_weight_init")
+EXIT_SETTINGS = ("exit_head_type", "exit_loss_weighting", "exit_learned_weight_init", "exit_pooling")
 
 
 def set_exit_settings(config: PretrainedConfig, **exit_settings: object) -> None:
@@ -62,6 +68,10 @@ def configure_exits(config: PretrainedConfig, default_head_type: str) -> None:
         config.exit_loss_weighting = "weighted"
     if getattr(config, "exit_learned_weight_init", None) is None:
         config.exit_learned_weight_init = 4.0
+    if getattr(config, "exit_pooling", None) is None:  # checkpoints saved before the setting existed read [CLS]
+        config.exit_pooling = "cls"
+    if config.exit_pooling not in EXIT_POOLINGS:
+        raise UserInputError(f"exit_pooling must be one of {', '.join(EXIT_POOLINGS)}, got {config.exit_pooling!r}")
     if config.exit_head_type not in EXIT_HEAD_TYPES:
         choices = ", ".join(EXIT_HEAD_TYPES)
         raise UserInputError(f"exit_head_type must be one of {choices}, got {config.exit_head_type!r}")
@@ -93,7 +103,8 @@ class EarlyExitOutput(ModelOutput):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Exit heads. Each takes the [CLS] hidden state [b, H] (or, for shared_pooler, the model's pooled output) -> [b, C]
+# Exit heads. Each takes the layer's token summary [b, H] ([CLS] or the token mean; for shared_pooler, the model's
+# pretrained pooler applied to it) -> [b, C]
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -219,8 +230,8 @@ class MultiExitMixin:
         """The transformer layer run at 0-indexed ``depth``."""
         return self._backbone().encoder.layer[depth]
 
-    def _pool(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The pretrained pooler's output, for ``shared_pooler`` exits."""
+    def _pool(self, summary: torch.Tensor) -> torch.Tensor:
+        """The pretrained pooler (dense + tanh) applied to a [b, H] token summary, for ``shared_pooler`` exits."""
         raise NotImplementedError(f"{type(self).__name__} has no pretrained pooler; use another exit_head_type")
 
     # ---- construction -----------------------------------------------------------------------------------------------
@@ -293,10 +304,20 @@ class MultiExitMixin:
         return fixed_loss_weights(self.config.exit_loss_weighting, self.num_exit_layers)
 
     # ---- the loop ---------------------------------------------------------------------------------------------------
-    def _exit_logits(self, depth: int, hidden_states: torch.Tensor) -> torch.Tensor:
+    def _token_summary(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+        """What an exit reads from a layer's [b, T, H] output: the first token, or the mean over real tokens."""
+        if self.config.exit_pooling == "cls":
+            return hidden_states[:, 0]
+        if token_mask is None:
+            return hidden_states.mean(dim=1)
+        weights = token_mask.to(hidden_states.dtype).unsqueeze(-1)
+        return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+    def _exit_logits(self, depth: int, hidden_states: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+        summary = self._token_summary(hidden_states, token_mask)
         if self.config.exit_head_type == "shared_pooler":
-            return self.exits[depth](self._pool(hidden_states))
-        return self.exits[depth](hidden_states[:, 0])
+            return self.exits[depth](self._pool(summary))
+        return self.exits[depth](summary)
 
     def _exit_loop(
         self,
@@ -320,11 +341,13 @@ class MultiExitMixin:
             mask = create_bidirectional_mask(
                 config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
             )
+        # the [b, T] padding mask, for mean-pooling exits (kept in step with the rows that are still running)
+        token_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         all_logits, all_hidden = [], [hidden_states] if output_hidden_states else []
         for depth in range(self.num_exit_layers):
             with torch.set_grad_enabled(backbone_grad):
                 hidden_states = self._layer_at(depth)(hidden_states, mask)
-            logits = self._exit_logits(depth, hidden_states)
+            logits = self._exit_logits(depth, hidden_states, token_mask)
             if tracker is None:
                 all_logits.append(logits)
                 if output_hidden_states:
@@ -339,6 +362,7 @@ class MultiExitMixin:
                 rows = keep.nonzero()[:, 0].to(hidden_states.device, non_blocking=True)
                 hidden_states = hidden_states.index_select(0, rows)
                 mask = mask.index_select(0, rows) if mask is not None else None
+                token_mask = token_mask.index_select(0, rows) if token_mask is not None else None
         return all_logits, all_hidden
 
     def forward(

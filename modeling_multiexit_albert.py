@@ -41,5 +41,5 @@ class MultiExitAlbertForSequenceClassification(MultiExitMixin, AlbertPreTrainedM
         layers_per_group = self.config.num_hidden_layers / self.config.num_hidden_groups
         return self.albert.encoder.albert_layer_groups[int(depth / layers_per_group)]
 
-    def _pool(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.albert.pooler_activation(self.albert.pooler(hidden_states[:, 0]))
+    def _pool(self, summary: torch.Tensor) -> torch.Tensor:
+        return self.albert.pooler_activation(self.albert.pooler(summary))

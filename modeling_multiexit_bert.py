@@ -30,8 +30,8 @@ class MultiExitBertForSequenceClassification(MultiExitMixin, BertPreTrainedModel
         self._init_exits(_classifier_dropout(config), exit_settings)
         self.post_init()
 
-    def _pool(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.bert.pooler(hidden_states)
+    def _pool(self, summary: torch.Tensor) -> torch.Tensor:
+        return self.bert.pooler.activation(self.bert.pooler.dense(summary))
 
 
 class MultiExitRobertaForSequenceClassification(MultiExitMixin, RobertaPreTrainedModel):

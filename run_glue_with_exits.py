@@ -52,7 +52,7 @@ from exit_replay import (
     sweep,
 )
 from glue_data import TaskSpec, build_features, compute_metrics, get_task, make_collator, read_examples
-from modeling_multiexit import EXIT_HEAD_TYPES, LOSS_WEIGHTINGS
+from modeling_multiexit import EXIT_HEAD_TYPES, EXIT_POOLINGS, LOSS_WEIGHTINGS
 from modeling_multiexit_albert import MultiExitAlbertForSequenceClassification
 from modeling_multiexit_bert import MultiExitBertForSequenceClassification, MultiExitRobertaForSequenceClassification
 
@@ -103,6 +103,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--do_train", action="store_true")
     train.add_argument("--exit_head_type", default=None, choices=EXIT_HEAD_TYPES,
                        help="default: shared_pooler for BERT/ALBERT (PABEE), classification_head for RoBERTa")
+    train.add_argument("--exit_pooling", default=None, choices=EXIT_POOLINGS,
+                       help="what each exit reads: cls = the first token (the papers; default), mean = the mean over "
+                            "real tokens (for mean-pooled checkpoints such as all-MiniLM-L6-v2, whose [CLS] carries "
+                            "no input information below layer 4); a trained checkpoint keeps its own")
     train.add_argument("--exit_loss", default=None, choices=LOSS_WEIGHTINGS,
                        help="weighted = Σ i·L_i/Σ i (PABEE, default), uniform = mean, learned = ELBERT, "
                        "final = last exit only (single-exit fine-tuning)")
@@ -333,6 +337,12 @@ def load_config(args: argparse.Namespace, task: TaskSpec, path: str):  # noqa: A
             f"{path} was trained with num_labels={config.num_labels} but task {task.name} has {task.num_labels} "
             f"labels; use a checkpoint of this task or a plain pretrained model"
         )
+    trained_pooling = getattr(config, "exit_pooling", None) or ("cls" if is_multi_exit else None)
+    if trained_pooling and args.exit_pooling and args.exit_pooling != trained_pooling and not args.do_train:
+        raise UserInputError(
+            f"{path} was trained with exit_pooling={trained_pooling!r}; evaluating it with --exit_pooling "
+            f"{args.exit_pooling} would feed its exits inputs they never saw (drop the flag)"
+        )
     if args.num_hidden_layers is not None and not 1 <= args.num_hidden_layers <= config.num_hidden_layers:
         raise UserInputError(f"--num_hidden_layers must be in [1, {config.num_hidden_layers}]")
     positions = getattr(config, "max_position_embeddings", None)
@@ -378,7 +388,8 @@ def load_model(args: argparse.Namespace, task: TaskSpec, path: str) -> torch.nn.
         overrides["label2id"] = {label: index for index, label in enumerate(task.label_list)}
     if args.num_hidden_layers is not None:
         overrides["num_hidden_layers"] = args.num_hidden_layers
-    exit_settings = {"exit_head_type": args.exit_head_type, "exit_loss_weighting": args.exit_loss}
+    exit_settings = {"exit_head_type": args.exit_head_type, "exit_loss_weighting": args.exit_loss,
+                     "exit_pooling": args.exit_pooling}
     try:
         model, loading_info = model_class.from_pretrained(
             path,
@@ -510,7 +521,7 @@ def find_resume_folder(args: argparse.Namespace) -> str | None:
 # the continuation of the interrupted run
 RESUME_SENSITIVE_FLAGS = ("task_name", "data_dir", "max_train_samples", "max_seq_length", "num_hidden_layers", "seed",
                           "per_gpu_train_batch_size", "gradient_accumulation_steps", "deebert_two_stage", "exit_loss",
-                          "exit_head_type", "learning_rate", "stage2_learning_rate", "weight_decay")
+                          "exit_head_type", "exit_pooling", "learning_rate", "stage2_learning_rate", "weight_decay")
 
 
 def warn_if_resume_differs(args: argparse.Namespace, accelerator, folder: str) -> None:  # noqa: ANN001

@@ -41,10 +41,16 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export RUNS_DIR=${RUNS_DIR:-runs/study}
 export RESULTS_DIR=${RESULTS_DIR:-results}
 export SEEDS=${SEEDS:-"1 2 3"}
-export N_SST2=${N_SST2:-256} N_MRPC=${N_MRPC:-192} N_RTE=${N_RTE:-128} N_COLA=${N_COLA:-256} N_STSB=${N_STSB:-192}
-export EPOCHS=${EPOCHS:-1} BATCH=${BATCH:-8} LR=${LR:-2e-4} WARMUP=${WARMUP:-0.06} MAX_SEQ=${MAX_SEQ:-64}
+export N_SST2=${N_SST2:-3000} N_MRPC=${N_MRPC:-all} N_RTE=${N_RTE:-all} N_COLA=${N_COLA:-all} N_STSB=${N_STSB:-2500}
+export EPOCHS=${EPOCHS:-1} BATCH=${BATCH:-32} LR=${LR:-1e-4} WARMUP=${WARMUP:-0.06} MAX_SEQ=${MAX_SEQ:-64}
 export EVAL_BATCH=${EVAL_BATCH:-32}
-export ABLATION_TASKS=${ABLATION_TASKS:-"SST-2"}
+export ABLATION_TASKS=${ABLATION_TASKS:-"SST-2 MRPC"} BASELINE=${BASELINE:-deebert2}
+# all-MiniLM-L6-v2 was pre-trained with mean pooling and its [CLS] state carries no input information below layer 4,
+# so [CLS] exits (the papers' choice, EXIT_POOLING=cls) stay at the majority class there; every model here reads means
+export EXIT_POOLING=${EXIT_POOLING:-mean}
+export WORKERS=${WORKERS:-2}
+# one torch thread per worker by default: on 2 cores, 2 single-threaded runs do ~1.6x the work of 1 two-threaded run
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / WORKERS > 0 ? $(nproc) / WORKERS : 1 ))}
 export KEEP_MODELS=${KEEP_MODELS:-0}
 export GLUE_DIR=${MULTIEXIT_SHARED_DIR:-/work/shared}/data/glue
 mkdir -p "$RUNS_DIR" "$RESULTS_DIR"
@@ -69,6 +75,7 @@ tasks = ["SST-2", "MRPC", "RTE", "CoLA", "STS-B"]
 subset = {t: env["N_" + t.replace("-", "").upper()] for t in tasks}
 ablation = env["ABLATION_TASKS"].split()
 seeds = env["SEEDS"].split()
+two_stage_baseline = env["BASELINE"] == "deebert2"
 
 def args_for(task, variant, seed):
     out = os.path.join(runs_dir, task, variant, f"seed{seed}")
@@ -78,7 +85,7 @@ def args_for(task, variant, seed):
             "--per_gpu_train_batch_size", env["BATCH"], "--learning_rate", env["LR"], "--warmup_ratio",
             env["WARMUP"], "--logging_steps", "10", "--save_steps", "0", "--seed", seed,
             "--do_eval", "--per_gpu_eval_batch_size", env["EVAL_BATCH"], "--eval_each_highway",
-            "--save_layer_logits"]
+            "--save_layer_logits", "--exit_pooling", env["EXIT_POOLING"]]
     if subset[task].lower() not in ("all", "0", ""):
         argv += ["--max_train_samples", subset[task]]
     if variant == "deebert2":
@@ -94,7 +101,7 @@ plan = []
 for seed in seeds:
     for task in tasks:
         plan.append((task, "weighted", seed))
-        plan.append((task, "deebert2" if task in ablation else "final", seed))
+        plan.append((task, "deebert2" if two_stage_baseline or task in ablation else "final", seed))
 # phase 2: the other loss weightings on the ablation tasks
 for seed in seeds:
     for task in ablation:
@@ -106,20 +113,6 @@ with open(os.path.join(results_dir, "commands.txt"), "w") as f:
     for task, variant, seed in plan:
         f.write("python run_glue_with_exits.py " + shlex.join(args_for(task, variant, seed)[1]) + "\n")
 
-import torch  # noqa: E402
-
-
-class ForeachAdamW(torch.optim.AdamW):
-    """AdamW with foreach=True: the same update (up to float rounding) as the runner's default per-tensor loop, which
-    torch picks on CPU and which took ~1/3 of each training step here. Speed only; pass FOREACH_ADAMW=0 to disable."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("foreach", True)
-        super().__init__(*args, **kwargs)
-
-
-if env.get("FOREACH_ADAMW", "1") == "1":
-    torch.optim.AdamW = ForeachAdamW
 import run_glue_with_exits  # noqa: E402  (the runner itself; main(argv) == the command line)
 
 times_path = os.path.join(runs_dir, "run_times.jsonl")
@@ -162,7 +155,7 @@ for i, (task, variant, seed) in enumerate(plan):
 EOF
 # WORKERS [3]: parallel runs. Each is nice'd like the caller; on a machine shared with busier jobs several low-priority
 # workers get more of the idle CPU than one (the runs are independent; results do not depend on WORKERS).
-for worker in $(seq "${WORKERS:-3}"); do
+for worker in $(seq "$WORKERS"); do
   "$PYTHON" "$DRIVER" > "$RUNS_DIR/worker$worker.log" 2>&1 &
   sleep 20
 done
@@ -180,9 +173,13 @@ first_start = min((datetime.datetime.fromisoformat(t["end"]).timestamp() - t["wa
 last_end = max((datetime.datetime.fromisoformat(t["end"]).timestamp() for t in times), default=0)
 record = {"study_elapsed_wall_s": last_end - first_start, "this_invocation_training_and_eval_wall_s": end - start,
           "sum_of_run_wall_s": sum(t["wall_s"] for t in times), "num_runs": len(times),
-          "machine": f"{os.cpu_count()} CPU cores, shared with other jobs; runs under nice -n 10",
+          "machine": f"{os.cpu_count()} CPU cores, {os.environ['WORKERS']} parallel run(s) x "
+                     f"{os.environ['OMP_NUM_THREADS']} torch thread(s); 15-min load average at the end "
+                     f"{os.getloadavg()[2]:.1f}",
           "settings": {k: os.environ[k] for k in ("SEEDS", "N_SST2", "N_MRPC", "N_RTE", "N_COLA", "N_STSB", "EPOCHS",
-                                                   "BATCH", "LR", "WARMUP", "MAX_SEQ", "EVAL_BATCH", "ABLATION_TASKS")}}
+                                                   "BATCH", "LR", "WARMUP", "MAX_SEQ", "EVAL_BATCH", "ABLATION_TASKS",
+                                                   "BASELINE", "EXIT_POOLING", "WORKERS",
+                                                   "OMP_NUM_THREADS")}}
 path = os.path.join(os.environ["RESULTS_DIR"], "wall_time.json")
 if record["num_runs"] and os.environ.get("SKIP_TRAINING", "0") != "1":
     with open(path, "w") as f:

@@ -77,18 +77,24 @@ class Setup:
 
 
 def _build(kind: str) -> Setup:
-    torch.manual_seed({"bert": 0, "roberta": 1, "albert": 2, "bert_regression": 3}[kind])
+    torch.manual_seed({"bert": 0, "roberta": 1, "albert": 2, "bert_regression": 3, "albert_mean": 4,
+                       "roberta_mean": 6}[kind])
     if kind == "bert":
         config = BertConfig(**COMMON, num_labels=3, attn_implementation="eager")
         model, pad, with_types = MultiExitBertForSequenceClassification(config), 0, True
     elif kind == "roberta":
         config = RobertaConfig(**COMMON, num_labels=3, pad_token_id=1, attn_implementation="sdpa")
         model, pad, with_types = MultiExitRobertaForSequenceClassification(config), 1, False
-    elif kind == "albert":
+    elif kind in ("albert", "albert_mean"):
         config = AlbertConfig(
             **COMMON, num_labels=3, embedding_size=16, num_hidden_groups=2, attn_implementation="eager"
         )
-        model, pad, with_types = MultiExitAlbertForSequenceClassification(config), 0, True
+        pooling = "mean" if kind == "albert_mean" else "cls"  # mean: the padding mask must follow the row compaction
+        model, pad, with_types = MultiExitAlbertForSequenceClassification(config, exit_pooling=pooling), 0, True
+    elif kind == "roberta_mean":
+        config = RobertaConfig(**COMMON, num_labels=3, pad_token_id=1, attn_implementation="sdpa")
+        model = MultiExitRobertaForSequenceClassification(config, exit_pooling="mean")
+        pad, with_types = 1, False
     else:  # regression, DeeBERT-style pooler exits, sdpa
         config = BertConfig(**COMMON, num_labels=1, attn_implementation="sdpa")
         model, pad, with_types = MultiExitBertForSequenceClassification(config, exit_head_type="pooler"), 0, False
@@ -164,7 +170,7 @@ def _policies(layer_logits: torch.Tensor) -> dict[str, list[ExitPolicy]]:
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
-KINDS = ["bert", "roberta", "albert", "bert_regression"]
+KINDS = ["bert", "roberta", "albert", "bert_regression", "albert_mean", "roberta_mean"]
 _SETUPS: dict[str, Setup] = {}
 
 
@@ -282,7 +288,7 @@ def test_loop_stops_when_everything_exits_at_layer_1(kind: str, policy: ExitPoli
     assert second_layer_calls == [] and second_head_calls == []
 
 
-@pytest.mark.parametrize("kind", ["bert", "roberta", "albert"])
+@pytest.mark.parametrize("kind", ["bert", "roberta", "albert", "albert_mean"])
 def test_exited_rows_leave_the_batch(kind: str) -> None:
     """Each depth runs exactly on the rows that have not exited yet; after the deepest exit nothing runs."""
     setup = get_setup(kind)

@@ -129,6 +129,8 @@ FLAG_CASES = {
     "model path is a file": (["--do_eval", "--model_name_or_path", "{data}/dev.tsv"], r"is a file"),
     "checkpoint num_labels != task": (["--task_name", "mnli", "--do_eval", "--model_name_or_path", "{multi_exit}"],
                                       r"was trained with num_labels=2 but task mnli has 3 labels"),
+    "eval with another exit_pooling": (["--do_eval", "--model_name_or_path", "{multi_exit}", "--exit_pooling", "mean"],
+                                       r"was trained with exit_pooling='cls'; evaluating it with --exit_pooling mean"),
     "model type != checkpoint": (["--model_type", "roberta", "--do_eval"],
                                  r"is a 'bert' checkpoint but --model_type is 'roberta'"),
     "resume folder missing": (["--do_train", "--resume_from_checkpoint", "{tmp}/checkpoint-9"],

@@ -8,6 +8,7 @@ Everything except the MiniLM tests runs on tiny random configs, so the file take
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 from pathlib import Path
@@ -801,6 +802,49 @@ def test_bad_exit_settings():
         make_model("bert", exit_head_type="mlp")
     with pytest.raises(UserInputError, match="exit_loss_weighting"):
         make_model("albert", exit_loss_weighting="desc")
+    with pytest.raises(UserInputError, match="exit_pooling"):
+        make_model("roberta", exit_pooling="max")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# exit_pooling="mean": exits read the mean over real tokens instead of the first token
+
+
+@pytest.mark.parametrize(("kind", "head_type"), [
+    (kind, head) for kind in MODEL_KINDS for head in ("shared_pooler", "pooler", "classification_head")
+    if not (kind == "roberta" and head == "shared_pooler")  # RoBERTa has no pretrained pooler
+])
+def test_mean_pooling_exits_read_the_masked_token_mean(kind: str, head_type: str) -> None:
+    """Each exit's logits == its head applied (by hand) to the mean of that layer's real-token states; padding and
+    batch company change nothing (each row alone, unpadded, gives the same logits)."""
+    model = make_model(kind, exit_head_type=head_type, exit_pooling="mean").double().eval()
+    assert model.config.exit_pooling == "mean"
+    batch = padded_batch(kind, model.config)
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True)
+        weights = batch["attention_mask"].double().unsqueeze(-1)
+        for depth in range(NUM_LAYERS):
+            mean = (out.hidden_states[depth + 1] * weights).sum(1) / weights.sum(1)
+            head_input = model._pool(mean) if head_type == "shared_pooler" else mean
+            torch.testing.assert_close(out.all_logits[depth], model.exits[depth](head_input))
+        for row, length in enumerate(SEQ_LENGTHS):
+            alone = model(**{key: value[row : row + 1, :length] for key, value in batch.items()})
+            torch.testing.assert_close(alone.all_logits[:, 0], out.all_logits[:, row])
+    # and it is a different input from [CLS]: the same weights read with exit_pooling="cls" answer differently
+    model.config.exit_pooling = "cls"
+    with torch.no_grad():
+        assert not torch.allclose(model(**batch).all_logits, out.all_logits)
+
+
+def test_exit_pooling_is_saved_and_old_checkpoints_read_cls(tmp_path) -> None:
+    model = make_model("bert", exit_pooling="mean")
+    model.save_pretrained(tmp_path / "mean")
+    assert MODEL_CLASSES["bert"].from_pretrained(tmp_path / "mean").config.exit_pooling == "mean"
+    # a checkpoint written before the setting existed (no exit_pooling in config.json) keeps reading [CLS]
+    config = json.loads((tmp_path / "mean" / "config.json").read_text())
+    del config["exit_pooling"]
+    (tmp_path / "mean" / "config.json").write_text(json.dumps(config))
+    assert MODEL_CLASSES["bert"].from_pretrained(tmp_path / "mean").config.exit_pooling == "cls"
 
 
 def test_early_exit_needs_a_valid_policy():
