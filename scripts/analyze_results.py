@@ -444,14 +444,20 @@ def main() -> int:
                       "† = off the target by more than 5 %.\n")
             md.append(matched_markdown(table, policies, TARGETS, main, extra))
 
-        # 5. STS-B thresholds
-        if is_reg and "weighted" in task_runs:
-            md.append("\n### STS-B: PABEE with regression thresholds (full dev, weighted model)\n")
+        # 5. STS-B thresholds, for every training scheme (a scheme whose exits learned nothing makes PABEE moot)
+        variant_curves = {"weighted": T["curves_weighted"]} if "weighted" in task_runs else {}
+        for v in ("deebert2", "uniform", "learned"):
+            if is_reg and v in task_runs:
+                variant_curves[v] = grid_curves(task, task_runs[v], policies)
+        if is_reg:
+            T["curves_by_variant"] = {v: c for v, c in variant_curves.items() if v != "weighted"}
+        for v, curves_v in variant_curves.items() if is_reg else ():
+            md.append(f"\n### STS-B: PABEE with regression thresholds (full dev, {VARIANT_LABEL[v]})\n")
             md.append("Two predictions 'agree' when they differ by less than the threshold (label scale 0–5). "
                       "Cells: Pearson ×100 median [min–max] (speed-up, median).\n")
             md.append("| threshold | " + " | ".join(f"patience {p}" for p in range(1, 6)) + " |")
             md.append("|---|" + "---:|" * 5)
-            rows = {r["setting"]: r for r in T["curves_weighted"]["pabee"]}
+            rows = {r["setting"]: r for r in curves_v["pabee"]}
             for thr in STSB_THRESHOLDS:
                 cells = []
                 for p in range(1, 6):
@@ -459,12 +465,12 @@ def main() -> int:
                     cells.append(f"{fmt(r['score'])} ({r['speedup']['median']:.2f}×)")
                 md.append(f"| {thr} | " + " | ".join(cells) + " |")
             budget_cells = [f"k={r['setting'].split('=')[1].rstrip(')')}: {fmt(r['score'])}"
-                            for r in T["curves_weighted"]["budget"]]
+                            for r in curves_v["budget"]]
             md.append("\nBudget (static layer k): " + ", ".join(budget_cells))
 
         # 6. loss weightings at the same speed-ups
         ablation = [v for v in ("weighted", "uniform", "learned", "deebert2") if v in task_runs]
-        if len(ablation) > 1 and not is_reg:
+        if len(ablation) > 1 and "weighted" in task_runs:
             md.append("\n### Loss weightings and DeeBERT two-stage at matched speed-ups\n")
             md.append("Same calibration protocol (half 1 → half 2). Rows: training scheme × exit policy.\n")
             md.append("| training | policy | " + " | ".join(f"~{t:g}×" for t in TARGETS) + " |")
@@ -484,10 +490,14 @@ def main() -> int:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
 
-            fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), dpi=110, sharey=True)
-            for ax, p in zip(axes, ["pabee", "deebert", "pcee"]):
+            panels = ["pabee"] if is_reg else ["pabee", "deebert", "pcee"]
+            fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels) + 0.2, 4.2), dpi=110, sharey=True,
+                                     squeeze=False)
+            axes = axes[0]
+            for ax, p in zip(axes, panels):
                 for v in ablation:
-                    cur = T["curves_weighted"][p] if v == "weighted" else grid_curves(task, task_runs[v], [p])[p]
+                    cur = (T["curves_weighted"][p] if v == "weighted" else variant_curves[v][p] if v in
+                           variant_curves else grid_curves(task, task_runs[v], [p])[p])
                     pts = [(r["speedup"]["median"], r["score"]["median"] * SCALE) for r in cur]
                     ax.plot(*zip(*pareto_front(pts)), marker="o", markersize=3, label=VARIANT_LABEL[v])
                 bud = [(r["speedup"]["median"], r["score"]["median"] * SCALE) for r in T["curves_weighted"]["budget"]]

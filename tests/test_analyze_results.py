@@ -42,7 +42,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
             logits = classification_logits(rng, sst2_labels, skill)
             write_run(runs / "SST-2" / variant / f"seed{seed}", logits, sst2_labels)
             truth[("SST-2", variant, seed)] = (logits, sst2_labels)
-        for variant in ("weighted", "deebert2"):
+        for variant in ("weighted", "deebert2", "uniform"):
             noise = rng.normal(0, 1.0, (len(stsb_labels), LAYERS)) * np.linspace(2.0, 0.3, LAYERS)[None, :]
             logits = (stsb_labels[:, None] + noise)[..., None]
             write_run(runs / "STS-B" / variant / f"seed{seed}", logits, stsb_labels)
@@ -59,12 +59,16 @@ def test_writes_every_artefact(study: tuple[Path, Path, dict]) -> None:
     _, results, _ = study
     for name in ("README.md", "tables.md", "summary.json"):
         assert (results / name).stat().st_size > 0, name
-    for name in ("SST-2_score_vs_speedup.png", "STS-B_score_vs_speedup.png"):
+    for name in ("SST-2_score_vs_speedup.png", "STS-B_score_vs_speedup.png", "SST-2_loss_weightings.png",
+                 "STS-B_loss_weightings.png"):
         assert (results / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     readme = (results / "README.md").read_text()
     for heading in ("## The papers' claims, checked", "## 1. Does multi-exit training cost final-layer quality?",
                     "## 2. Per-layer scores", "## 3. Score vs speed-up", "Matched speed-ups"):
         assert heading in readme, heading
+    tables = (results / "tables.md").read_text()
+    for scheme in ("multi-exit, weighted loss (PABEE)", "DeeBERT two-stage"):  # thresholds for every scheme
+        assert f"### STS-B: PABEE with regression thresholds (full dev, {scheme})" in tables, scheme
 
 
 def test_per_layer_scores_are_the_recomputed_ones(study: tuple[Path, Path, dict]) -> None:
