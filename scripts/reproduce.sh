@@ -44,7 +44,7 @@ export SEEDS=${SEEDS:-"1 2 3"}
 export N_SST2=${N_SST2:-3000} N_MRPC=${N_MRPC:-all} N_RTE=${N_RTE:-all} N_COLA=${N_COLA:-all} N_STSB=${N_STSB:-2500}
 export EPOCHS=${EPOCHS:-1} BATCH=${BATCH:-32} LR=${LR:-1e-4} WARMUP=${WARMUP:-0.06} MAX_SEQ=${MAX_SEQ:-64}
 export EVAL_BATCH=${EVAL_BATCH:-32}
-export ABLATION_TASKS=${ABLATION_TASKS:-"SST-2 MRPC"} BASELINE=${BASELINE:-deebert2}
+export ABLATION_TASKS=${ABLATION_TASKS:-"SST-2 MRPC STS-B"} BASELINE=${BASELINE:-deebert2}
 # all-MiniLM-L6-v2 was pre-trained with mean pooling and its [CLS] state carries no input information below layer 4,
 # so [CLS] exits (the papers' choice, EXIT_POOLING=cls) stay at the majority class there; every model here reads means
 export EXIT_POOLING=${EXIT_POOLING:-mean}
