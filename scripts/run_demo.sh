@@ -4,7 +4,9 @@
 # early exit for a few settings (verified against the replay), and write exit_results.jsonl + the score-vs-speed-up
 # plot. Sized for 2 CPU cores: one epoch over 64-token inputs. The exits are trained with the uniform weighting
 # (mean of the exit losses): with so few steps, PABEE's Σ i·L_i / Σ i gives layer 1 only 1/21 of the loss, too little
-# to train the early exits (a first demo run with it left layers 1-3 at the majority class).
+# to train the early exits (a first demo run with it left layers 1-3 at the majority class). The exits read the mean of
+# each layer's token states (--exit_pooling mean), as this sentence-transformers checkpoint was pre-trained: its [CLS]
+# state carries no input information below layer 4 (scripts/probe_cls_vs_mean.py).
 set -euo pipefail
 OUTPUT_DIR=${1:-runs/demo-bbc-news}
 PYTHON=${PYTHON:-$(dirname "$0")/../.venv/bin/python}
@@ -14,7 +16,7 @@ PYTHON=${PYTHON:-$(dirname "$0")/../.venv/bin/python}
   --model_type bert --model_name_or_path packaged-minilm \
   --task_name bbc-news --max_seq_length 64 \
   --do_train --num_train_epochs 1 --per_gpu_train_batch_size 16 --learning_rate 2e-4 --warmup_ratio 0.1 \
-  --exit_loss uniform \
+  --exit_loss uniform --exit_pooling mean \
   --logging_steps 20 --save_steps 0 --output_dir "$OUTPUT_DIR" --overwrite_output_dir \
   --do_eval --per_gpu_eval_batch_size 32 --eval_each_highway --sweep_default_grids \
   --patience 1,2,3 --early_exit_entropy 0.2,0.7 --pcee_patience 1,2 --pcee_tau 0.3,0.45 --elbert_delta 0.5
