@@ -43,6 +43,7 @@ from exit_policies import ExitPolicy, ExitTracker
 
 EXIT_HEAD_TYPES = ("shared_pooler", "pooler", "classification_head")
 EXIT_POOLINGS = ("cls", "mean")
+DEFAULT_EXIT_POOLING = "cls"  # also what checkpoints saved before the setting existed were trained with
 LOSS_WEIGHTINGS = ("weighted", "uniform", "learned", "final")
 TRAINING_STAGES = ("joint", "deebert_stage1", "deebert_stage2")
 
@@ -68,8 +69,8 @@ def configure_exits(config: PretrainedConfig, default_head_type: str) -> None:
         config.exit_loss_weighting = "weighted"
     if getattr(config, "exit_learned_weight_init", None) is None:
         config.exit_learned_weight_init = 4.0
-    if getattr(config, "exit_pooling", None) is None:  # checkpoints saved before the setting existed read [CLS]
-        config.exit_pooling = "cls"
+    if getattr(config, "exit_pooling", None) is None:
+        config.exit_pooling = DEFAULT_EXIT_POOLING
     if config.exit_pooling not in EXIT_POOLINGS:
         raise UserInputError(f"exit_pooling must be one of {', '.join(EXIT_POOLINGS)}, got {config.exit_pooling!r}")
     if config.exit_head_type not in EXIT_HEAD_TYPES:
@@ -341,8 +342,9 @@ class MultiExitMixin:
             mask = create_bidirectional_mask(
                 config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
             )
-        # the [b, T] padding mask, for mean-pooling exits (kept in step with the rows that are still running)
-        token_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        # the [b, T] padding mask, only for mean-pooling exits (kept in step with the rows that are still running)
+        mean_pooling = self.config.exit_pooling == "mean" and attention_mask is not None
+        token_mask = attention_mask if mean_pooling and attention_mask.dim() == 2 else None
         all_logits, all_hidden = [], [hidden_states] if output_hidden_states else []
         for depth in range(self.num_exit_layers):
             with torch.set_grad_enabled(backbone_grad):

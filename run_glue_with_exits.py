@@ -52,7 +52,7 @@ from exit_replay import (
     sweep,
 )
 from glue_data import TaskSpec, build_features, compute_metrics, get_task, make_collator, read_examples
-from modeling_multiexit import EXIT_HEAD_TYPES, EXIT_POOLINGS, LOSS_WEIGHTINGS
+from modeling_multiexit import DEFAULT_EXIT_POOLING, EXIT_HEAD_TYPES, EXIT_POOLINGS, LOSS_WEIGHTINGS
 from modeling_multiexit_albert import MultiExitAlbertForSequenceClassification
 from modeling_multiexit_bert import MultiExitBertForSequenceClassification, MultiExitRobertaForSequenceClassification
 
@@ -337,7 +337,7 @@ def load_config(args: argparse.Namespace, task: TaskSpec, path: str):  # noqa: A
             f"{path} was trained with num_labels={config.num_labels} but task {task.name} has {task.num_labels} "
             f"labels; use a checkpoint of this task or a plain pretrained model"
         )
-    trained_pooling = getattr(config, "exit_pooling", None) or ("cls" if is_multi_exit else None)
+    trained_pooling = getattr(config, "exit_pooling", None) or (DEFAULT_EXIT_POOLING if is_multi_exit else None)
     if trained_pooling and args.exit_pooling and args.exit_pooling != trained_pooling and not args.do_train:
         raise UserInputError(
             f"{path} was trained with exit_pooling={trained_pooling!r}; evaluating it with --exit_pooling "

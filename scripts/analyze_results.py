@@ -446,11 +446,12 @@ def main() -> int:
             md.append(matched_markdown(table, policies, TARGETS, main, extra))
 
         # 5. STS-B thresholds, for every training scheme (a scheme whose exits learned nothing makes PABEE moot)
+        # Full-dev curves per scheme: the other schemes' are computed here only for regression, which tabulates them
+        # all; classification computes just the policies its loss-weighting plot draws (below).
         variant_curves = {"weighted": T["curves_weighted"]} if "weighted" in task_runs else {}
-        for v in ("deebert2", "uniform", "learned"):
-            if is_reg and v in task_runs:
-                variant_curves[v] = grid_curves(task, task_runs[v], policies)
         if is_reg:
+            variant_curves.update({v: grid_curves(task, task_runs[v], policies)
+                                   for v in ("deebert2", "uniform", "learned") if v in task_runs})
             T["curves_by_variant"] = {v: c for v, c in variant_curves.items() if v != "weighted"}
         for v, curves_v in variant_curves.items() if is_reg else ():
             md.append(f"\n### STS-B: PABEE with regression thresholds (full dev, {VARIANT_LABEL[v]})\n")
@@ -497,8 +498,7 @@ def main() -> int:
             axes = axes[0]
             for ax, p in zip(axes, panels):
                 for v in ablation:
-                    cur = (T["curves_weighted"][p] if v == "weighted" else variant_curves[v][p] if v in
-                           variant_curves else grid_curves(task, task_runs[v], [p])[p])
+                    cur = variant_curves[v][p] if v in variant_curves else grid_curves(task, task_runs[v], [p])[p]
                     pts = [(r["speedup"]["median"], r["score"]["median"] * SCALE) for r in cur]
                     ax.plot(*zip(*pareto_front(pts)), marker="o", markersize=3, label=VARIANT_LABEL[v])
                 bud = [(r["speedup"]["median"], r["score"]["median"] * SCALE) for r in T["curves_weighted"]["budget"]]
