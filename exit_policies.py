@@ -1,12 +1,20 @@
 """Exit policies of PABEE, DeeBERT, PCEE-BERT, ELBERT and the two baselines, written once for every use.
 
-Every policy is a small frozen dataclass with two pure methods:
+A policy is one small frozen dataclass that declares everything the rest of the toolkit needs:
 
-* ``init_state(batch_size, num_labels)`` returns the per-sample state, a dict of tensors whose first dimension is
-  the batch. Because the state is per sample, a batch can drop the rows that have exited (``compact_state``) and the
-  rest carry on: this is what makes batched early exit give the same answers as batch size 1.
-* ``step(state, logits, layer)`` looks at the logits of the layer just computed (``layer`` is 1-indexed) and returns
-  which rows exit now, what they answer with, and the new state.
+* its **rule**, two pure methods. ``init_state(batch_size, num_labels)`` returns the per-sample state, a dict of
+  tensors whose first dimension is the batch. Because the state is per sample, a batch can drop the rows that have
+  exited (``compact_state``) and the rest carry on: this is what makes batched early exit give the same answers as
+  batch size 1. ``step(state, logits, layer)`` looks at the logits of the layer just computed (``layer`` is
+  1-indexed) and returns which rows exit now, what every row would answer if it exited now, and the new state;
+* its **command-line flags** (:class:`PolicyFlag`): the runner builds its flag group and the settings a command line
+  sweeps from them (:meth:`ExitPolicy.from_flag_values`);
+* its **calibration knob** (:class:`Knob`: the field, its range, and which way is faster), used to pick a setting
+  for a target speed-up or metric drop;
+* its **default grid**, spanning its speed-ups, for sweeps and plots; and the **templates** calibration starts
+  from when the user names no setting.
+
+Adding a policy is one subclass (registered by subclassing, see :data:`POLICIES`) and its tests.
 
 :class:`ExitTracker` drives a policy across layers and is the *only* place where exit decisions are applied. The
 model's layer loop calls it online (one layer at a time, rows leaving the batch as they exit) and :func:`replay`
@@ -14,10 +22,8 @@ calls it offline over cached per-layer logits ``[N, L, C]``. Same code, same dec
 
 Conventions shared by all policies (the README has the table):
 
-* Layers are 1-indexed; ``L`` is the number of layers. A row that reaches layer ``L`` exits there, answering with
-  layer ``L``'s head, whatever the policy says (unless the policy itself exits at ``L`` with its own answer, e.g. a
-  PCEE ensemble).
-* Each policy answers with the exit layer's own head, except the optional PCEE ensemble.
+* Layers are 1-indexed; ``L`` is the number of layers. A row that reaches layer ``L`` exits there, with the answer
+  the policy gives at ``L`` (the exit layer's own head, except for a PCEE ensemble).
 * Entropy is in nats and computed from ``log_softmax`` in float32, so fp16 logits or huge logits cannot overflow
   and probabilities that underflow to 0 contribute 0, never NaN. "Normalised entropy" is ``H / ln C``.
 * Policies that have no meaning for regression (``num_labels == 1``) refuse it in :meth:`ExitPolicy.validate`
@@ -26,14 +32,16 @@ Conventions shared by all policies (the README has the table):
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
+import numpy as np
 import torch
 
-from errors import UserInputError
+from multiexit_errors import UserInputError
 
 State = dict[str, torch.Tensor]
 logger = logging.getLogger(__name__)
@@ -101,21 +109,105 @@ def _check_float(
         raise UserInputError(f"{name} must be in [{low}, {high}{bracket}, got {value}")
 
 
+def parse_list(flag: str, text: str | None, kind: type) -> list:
+    """Parse a seed-style comma list such as ``--patience 3,4,5`` into typed values, with a clear error."""
+    if text is None or str(text).strip() == "":
+        return []
+    values = []
+    for item in str(text).split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            if kind is int:
+                number = float(item)
+                if not number.is_integer():
+                    raise ValueError
+                values.append(int(number))
+            else:
+                values.append(kind(item))
+        except ValueError:
+            raise UserInputError(f"{flag}: {item!r} is not a valid {kind.__name__} (expected a comma list)") from None
+    return values
+
+
 # --------------------------------------------------------------------------------------------------------------------
-# Policies
+# What a policy declares besides its rule
 # --------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
+class PolicyFlag:
+    """One command-line flag of a policy: ``--patience 3,4,5`` sets the field ``patience`` to 3, 4 and 5 in turn.
+
+    A flag of ``type`` bool is a switch (present: True). Otherwise ``sweep`` flags take the seeds' comma lists (several
+    values sweep several settings) and the others one value; ``const`` is the value of a one-value flag given without
+    one (``--pcee_ensemble`` alone), ``choices`` its allowed values."""
+
+    flag: str
+    field: str
+    type: type
+    help: str
+    sweep: bool = True
+    default: str | None = None
+    const: str | None = None
+    choices: tuple[str, ...] | None = None
+
+    def parse(self, raw: object) -> list:
+        """The flag's values as a list, from what argparse stored (empty when the flag is absent)."""
+        if raw is None or raw is False:
+            return []
+        if self.type is bool:
+            return [True]
+        if self.sweep:
+            return parse_list(self.flag, raw, self.type)
+        return [self.type(raw)]
+
+
+@dataclass(frozen=True)
+class Knob:
+    """The one field calibration moves: its range and whether raising it makes exits earlier (``faster_when``
+    "higher") or later ("lower"). Integer knobs are scanned, continuous ones bisected."""
+
+    field: str
+    low: float
+    high: float
+    faster_when: str
+    integer: bool = False
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Policies
+# --------------------------------------------------------------------------------------------------------------------
+
+# grid points: 5 %, 10 %, ..., 100 % of a threshold's range; and 10 thresholds from 0.05 to 0.95
+_FRACTIONS = np.linspace(0.0, 1.0, 21)[1:]
+_SPREAD = np.linspace(0.05, 0.95, 10)
+
+
+POLICIES: dict[str, type[ExitPolicy]] = {}
+"""Every policy class by name, in definition order; a subclass with a ``name`` registers itself."""
+
+
+@dataclass(frozen=True)
 class ExitPolicy:
-    """Base class. Subclasses set ``name`` and implement ``init_state``, ``step`` and ``earliest_exit``."""
+    """Base class. A subclass sets ``name``, ``title``, ``flags``, implements ``step`` (and ``init_state`` if it
+    keeps state), ``knob`` and ``default_grid``, and states its earliest exit."""
 
     name: ClassVar[str] = ""
+    title: ClassVar[str] = ""  # for tables and plots, e.g. "PABEE (patience)"
     supports_regression: ClassVar[bool] = False
+    flags: ClassVar[tuple[PolicyFlag, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            POLICIES[cls.name] = cls
 
     def __post_init__(self) -> None:
         self._validate_params()
 
+    # ---- checks ------------------------------------------------------------------------------------------------------
     def _validate_params(self) -> None:
         """Checks that need no task information. Raises UserInputError."""
 
@@ -143,6 +235,7 @@ class ExitPolicy:
         """The first (1-indexed) layer at which this policy can exit by its own rule."""
         return 1
 
+    # ---- naming ------------------------------------------------------------------------------------------------------
     def params(self) -> dict[str, object]:
         return asdict(self)
 
@@ -151,12 +244,56 @@ class ExitPolicy:
         args = ",".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self) if getattr(self, f.name) is not None)
         return f"{self.name}({args})"
 
+    def replace(self, **changes: object) -> ExitPolicy:
+        """The same policy with some fields changed (validated like a new one)."""
+        return type(self)(**{**self.params(), **changes})
+
+    # ---- the rule ----------------------------------------------------------------------------------------------------
     def init_state(self, batch_size: int, num_labels: int) -> State:
         return {}
 
     def step(self, state: State, logits: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, State]:
-        """Decide for each row after ``layer`` (1-indexed). Returns (exits [b] bool, answer [b, C], new state)."""
+        """Decide for each row after ``layer`` (1-indexed). Returns (exits [b] bool, answer [b, C], new state);
+        ``answer`` is what each row answers if it exits now (at the last layer every row does)."""
         raise NotImplementedError
+
+    # ---- flags, calibration, grids -----------------------------------------------------------------------------------
+    @classmethod
+    def flag_names(cls) -> str:
+        """The policy's flags for error messages, e.g. ``--patience/--regression_threshold``."""
+        return "/".join(flag.flag for flag in cls.flags)
+
+    @classmethod
+    def from_flag_values(cls, values: dict[str, list]) -> list[ExitPolicy]:
+        """The settings a command line asks for, from each flag's parsed values (field -> list). By default the
+        first flag turns the policy on and every flag with values takes part in a product of settings."""
+        if not cls.flags or not values.get(cls.flags[0].field):
+            return []
+        given = {flag.field: values[flag.field] for flag in cls.flags if values.get(flag.field)}
+        names = list(given)
+        return [cls.from_flags_checked(**dict(zip(names, combo))) for combo in itertools.product(*given.values())]
+
+    @classmethod
+    def from_flags_checked(cls, **params: object) -> ExitPolicy:
+        """``cls(**params)``, with a UserInputError naming the flags the bad value came from."""
+        try:
+            return cls(**params)
+        except UserInputError as error:
+            raise UserInputError(f"{cls.flag_names()}: {error}") from None
+
+    def knob(self, num_layers: int, num_labels: int) -> Knob | None:
+        """The field calibration moves for this setting (None: nothing to calibrate)."""
+        return None
+
+    @classmethod
+    def default_grid(cls, num_layers: int, num_labels: int) -> list[ExitPolicy]:
+        """Settings spanning the policy's range of speed-ups, for sweeps and plots ([] where it cannot apply)."""
+        raise NotImplementedError(f"{cls.__name__} declares no default grid")
+
+    @classmethod
+    def calibration_templates(cls, num_layers: int, num_labels: int) -> list[ExitPolicy]:
+        """Settings whose knob calibration moves when the user names none: by default the grid's first setting."""
+        return cls.default_grid(num_layers, num_labels)[:1]
 
 
 @dataclass(frozen=True)
@@ -165,7 +302,11 @@ class BudgetExit(ExitPolicy):
 
     layer: int = 1
     name: ClassVar[str] = "budget"
+    title: ClassVar[str] = "Budgeted exit (static layer)"
     supports_regression: ClassVar[bool] = True
+    flags: ClassVar[tuple[PolicyFlag, ...]] = (
+        PolicyFlag("--budget_layer", "layer", int, "static exit layers, list"),
+    )
 
     def _validate_params(self) -> None:
         _check_int("budget layer", self.layer, 1)
@@ -177,6 +318,13 @@ class BudgetExit(ExitPolicy):
         exits = torch.full((logits.shape[0],), layer >= self.layer, dtype=torch.bool)
         return exits, logits, state
 
+    def knob(self, num_layers: int, num_labels: int) -> Knob:
+        return Knob("layer", 1, num_layers, faster_when="lower", integer=True)
+
+    @classmethod
+    def default_grid(cls, num_layers: int, num_labels: int) -> list[ExitPolicy]:
+        return [cls(layer=k) for k in range(1, num_layers + 1)]
+
 
 @dataclass(frozen=True)
 class PatienceExit(ExitPolicy):
@@ -187,7 +335,13 @@ class PatienceExit(ExitPolicy):
     patience: int = 1
     regression_threshold: float | None = None
     name: ClassVar[str] = "pabee"
+    title: ClassVar[str] = "PABEE (patience)"
     supports_regression: ClassVar[bool] = True
+    flags: ClassVar[tuple[PolicyFlag, ...]] = (
+        PolicyFlag("--patience", "patience", int, "PABEE patience list, e.g. 3,4,5 (0 = full depth)"),
+        PolicyFlag("--regression_threshold", "regression_threshold", float,
+                   "PABEE on regression: predictions 'agree' when closer than this (list allowed)"),
+    )
 
     def _validate_params(self) -> None:
         _check_int("patience", self.patience, 0)
@@ -234,6 +388,21 @@ class PatienceExit(ExitPolicy):
         exits = (counter == self.patience) if self.patience > 0 else torch.zeros_like(agrees)
         return exits, logits, {"counter": counter, **new_state}
 
+    def knob(self, num_layers: int, num_labels: int) -> Knob:
+        return Knob("patience", 1, max(num_layers - 1, 1), faster_when="lower", integer=True)
+
+    @classmethod
+    def default_grid(cls, num_layers: int, num_labels: int) -> list[ExitPolicy]:
+        if num_labels == 1:
+            thresholds = (0.05, 0.1, 0.2, 0.5)
+            return [cls(patience=p, regression_threshold=t) for p in range(1, num_layers) for t in thresholds]
+        return [cls(patience=p) for p in range(1, num_layers)]
+
+    @classmethod
+    def calibration_templates(cls, num_layers: int, num_labels: int) -> list[ExitPolicy]:
+        # calibration scans the patience; on regression, once per threshold of the grid
+        return [policy for policy in cls.default_grid(num_layers, num_labels) if policy.patience == 1]
+
 
 @dataclass(frozen=True)
 class EntropyExit(ExitPolicy):
@@ -242,12 +411,25 @@ class EntropyExit(ExitPolicy):
 
     threshold: float = 0.0
     name: ClassVar[str] = "deebert"
+    title: ClassVar[str] = "DeeBERT (entropy)"
+    flags: ClassVar[tuple[PolicyFlag, ...]] = (
+        PolicyFlag("--early_exit_entropy", "threshold", float, "DeeBERT entropy thresholds (nats), list"),
+    )
 
     def _validate_params(self) -> None:
         _check_float("entropy threshold", self.threshold)
 
     def step(self, state: State, logits: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, State]:
         return entropy(logits) < self.threshold, logits, state
+
+    def knob(self, num_layers: int, num_labels: int) -> Knob:
+        return Knob("threshold", 0.0, math.log(num_labels) + 1e-6, faster_when="higher")  # entropy <= ln C
+
+    @classmethod
+    def default_grid(cls, num_layers: int, num_labels: int) -> list[ExitPolicy]:
+        if num_labels == 1:
+            return []
+        return [cls(threshold=round(float(f * math.log(num_labels)), 4)) for f in _FRACTIONS]
 
 
 @dataclass(frozen=True)
@@ -256,12 +438,26 @@ class MaxProbExit(ExitPolicy):
 
     threshold: float = 1.0
     name: ClassVar[str] = "maxprob"
+    title: ClassVar[str] = "Max-prob (Shallow-Deep)"
+    flags: ClassVar[tuple[PolicyFlag, ...]] = (
+        PolicyFlag("--maxprob_threshold", "threshold", float, "Shallow-Deep max-probability thresholds"),
+    )
 
     def _validate_params(self) -> None:
         _check_float("max-prob threshold", self.threshold, 0.0, 1.0)
 
     def step(self, state: State, logits: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, State]:
         return max_prob(logits) >= self.threshold, logits, state
+
+    def knob(self, num_layers: int, num_labels: int) -> Knob:
+        return Knob("threshold", 0.0, 1.0, faster_when="lower")
+
+    @classmethod
+    def default_grid(cls, num_layers: int, num_labels: int) -> list[ExitPolicy]:
+        if num_labels == 1:
+            return []
+        floor = 1.0 / num_labels
+        return [cls(threshold=round(float(1.0 - f * (1.0 - floor)), 4)) for f in _FRACTIONS[:-1]]
 
 
 @dataclass(frozen=True)
@@ -277,6 +473,13 @@ class PCEEExit(ExitPolicy):
     maxprob: float | None = None
     ensemble: bool = False
     name: ClassVar[str] = "pcee"
+    title: ClassVar[str] = "PCEE-BERT (patience + confidence)"
+    flags: ClassVar[tuple[PolicyFlag, ...]] = (
+        PolicyFlag("--pcee_patience", "patience", int, "PCEE patience list"),
+        PolicyFlag("--pcee_tau", "tau", float, "PCEE normalised-entropy thresholds τ (list)"),
+        PolicyFlag("--pcee_maxprob", "maxprob", float, "PCEE-v1 max-probability thresholds (list)"),
+        PolicyFlag("--pcee_ensemble", "ensemble", bool, "PCEE: answer with the streak's mean probs"),
+    )
 
     def _validate_params(self) -> None:
         _check_int("patience", self.patience, 0)
@@ -319,6 +522,35 @@ class PCEEExit(ExitPolicy):
         answer = torch.where(exits[:, None], mean_probs.clamp(min=1e-30).log(), logits.float())
         return exits, answer, {"counter": counter, "streak_probs": streak_probs}
 
+    @classmethod
+    def from_flag_values(cls, values: dict[str, list]) -> list[ExitPolicy]:
+        # τ and the max-probability threshold are alternatives: patience × (the τ list, then the max-prob list)
+        patiences, taus, maxprobs = values.get("patience"), values.get("tau"), values.get("maxprob")
+        if (taus or maxprobs) and not patiences:
+            raise UserInputError("PCEE needs --pcee_patience together with --pcee_tau or --pcee_maxprob")
+        if patiences and not (taus or maxprobs):
+            raise UserInputError("--pcee_patience needs --pcee_tau (normalised entropy) or --pcee_maxprob")
+        ensemble = bool(values.get("ensemble"))
+        confidences = [{"tau": t} for t in taus or []] + [{"maxprob": m} for m in maxprobs or []]
+        return [cls.from_flags_checked(patience=p, ensemble=ensemble, **confidence)
+                for p in patiences or [] for confidence in confidences]
+
+    def knob(self, num_layers: int, num_labels: int) -> Knob:
+        if self.maxprob is not None:  # PCEE-v1: confident when max-prob >= knob
+            return Knob("maxprob", 0.0, 1.0, faster_when="lower")
+        return Knob("tau", 0.0, 1.0, faster_when="higher")
+
+    @classmethod
+    def default_grid(cls, num_layers: int, num_labels: int) -> list[ExitPolicy]:
+        if num_labels == 1:
+            return []
+        return [cls(patience=p, tau=round(float(t), 3)) for p in range(1, min(num_layers, 4)) for t in _SPREAD]
+
+    @classmethod
+    def calibration_templates(cls, num_layers: int, num_labels: int) -> list[ExitPolicy]:
+        # calibration bisects τ; the patience is chosen among these templates
+        return [cls(patience=p, tau=0.5) for p in range(1, min(num_layers, 4))] if num_labels > 1 else []
+
 
 ELBERT_CRITERIA = ("monotonic", "range", "same")
 
@@ -339,6 +571,13 @@ class ELBERTExit(ExitPolicy):
     criterion: str = "monotonic"
     range_threshold: float | None = None
     name: ClassVar[str] = "elbert"
+    title: ClassVar[str] = "ELBERT (entropy + window)"
+    flags: ClassVar[tuple[PolicyFlag, ...]] = (
+        PolicyFlag("--elbert_delta", "delta", float, "ELBERT stage-1 normalised-entropy thresholds δ"),
+        PolicyFlag("--elbert_window", "window", int, "ELBERT window sizes N (list)", default="2"),
+        PolicyFlag("--elbert_criterion", "criterion", str, "monotonic, range or same (list)", default="monotonic"),
+        PolicyFlag("--elbert_range", "range_threshold", float, "ELBERT 'range' criterion threshold"),
+    )
 
     def _validate_params(self) -> None:
         _check_float("elbert delta", self.delta, 0.0, 1.0)
@@ -371,15 +610,47 @@ class ELBERTExit(ExitPolicy):
             exits = exits | window_ok
         return exits, logits, {"window_probs": window_probs}
 
+    @classmethod
+    def from_flag_values(cls, values: dict[str, list]) -> list[ExitPolicy]:
+        # the range threshold belongs to the 'range' criterion only: δ × N × (criterion, its range thresholds)
+        ranges = values.get("range_threshold") or [None]
+        return [
+            cls.from_flags_checked(delta=delta, window=window, criterion=criterion, range_threshold=range_threshold)
+            for delta in values.get("delta") or []
+            for window in values.get("window") or []
+            for criterion in values.get("criterion") or []
+            for range_threshold in (ranges if criterion == "range" else [None])
+        ]
 
-POLICIES: dict[str, type[ExitPolicy]] = {
-    cls.name: cls for cls in (BudgetExit, PatienceExit, EntropyExit, MaxProbExit, PCEEExit, ELBERTExit)
-}
+    def knob(self, num_layers: int, num_labels: int) -> Knob:
+        return Knob("delta", 0.0, 1.0, faster_when="higher")
+
+    @classmethod
+    def default_grid(cls, num_layers: int, num_labels: int) -> list[ExitPolicy]:
+        if num_labels == 1:
+            return []
+        return [cls(delta=round(float(d), 3), window=w) for w in (2, 3) if w <= num_layers for d in _SPREAD]
+
+    @classmethod
+    def calibration_templates(cls, num_layers: int, num_labels: int) -> list[ExitPolicy]:
+        # calibration bisects δ; the window is chosen among these templates
+        return [cls(delta=0.5, window=w) for w in (2, 3) if w <= num_layers] if num_labels > 1 else []
 
 
 def compact_state(state: State, keep: torch.Tensor) -> State:
     """Keep only the rows in ``keep`` (a bool mask over the current batch) of every per-sample tensor."""
     return {key: value[keep] for key, value in state.items()}
+
+
+def make_policy(name: str, **params: object) -> ExitPolicy:
+    """Build a policy by name, with UserInputError for an unknown name or parameter."""
+    if name not in POLICIES:
+        raise UserInputError(f"unknown exit policy {name!r}; choose from {', '.join(POLICIES)}")
+    cls = POLICIES[name]
+    try:
+        return cls(**params)
+    except TypeError as error:
+        raise UserInputError(f"bad parameters for policy {name!r}: {error}") from None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -460,41 +731,3 @@ def replay(policy: ExitPolicy, layer_logits: torch.Tensor) -> ReplayResult:
         if tracker.done:
             break
     return ReplayResult(exit_layer=tracker.exit_layer, answer=tracker.answer)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Building policies from command-line values
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def parse_list(flag: str, text: str | None, kind: type) -> list:
-    """Parse a seed-style comma list such as ``--patience 3,4,5`` into typed values, with a clear error."""
-    if text is None or str(text).strip() == "":
-        return []
-    values = []
-    for item in str(text).split(","):
-        item = item.strip()
-        if not item:
-            continue
-        try:
-            if kind is int:
-                number = float(item)
-                if not number.is_integer():
-                    raise ValueError
-                values.append(int(number))
-            else:
-                values.append(kind(item))
-        except ValueError:
-            raise UserInputError(f"{flag}: {item!r} is not a valid {kind.__name__} (expected a comma list)") from None
-    return values
-
-
-def make_policy(name: str, **params: object) -> ExitPolicy:
-    """Build a policy by name, with UserInputError for an unknown name or parameter."""
-    if name not in POLICIES:
-        raise UserInputError(f"unknown exit policy {name!r}; choose from {', '.join(POLICIES)}")
-    cls = POLICIES[name]
-    try:
-        return cls(**params)
-    except TypeError as error:
-        raise UserInputError(f"bad parameters for policy {name!r}: {error}") from None

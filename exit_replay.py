@@ -12,24 +12,16 @@ Speed is reported two ways and always labelled: ``speedup`` = L / mean exit laye
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from errors import UserInputError
-from exit_policies import (
-    BudgetExit,
-    ELBERTExit,
-    EntropyExit,
-    ExitPolicy,
-    MaxProbExit,
-    PatienceExit,
-    PCEEExit,
-    replay,
-)
+from exit_policies import POLICIES, BudgetExit, ExitPolicy, replay
+from multiexit_errors import UserInputError
 
 MetricFn = Callable[[np.ndarray, np.ndarray], dict[str, float]]
 
@@ -43,7 +35,6 @@ class PolicyScore:
     exit_layers: np.ndarray  # [N] 1-indexed
     predictions: np.ndarray  # [N] class index, or float for regression
     num_layers: int
-    extra: dict[str, object] = field(default_factory=dict)
 
     @property
     def num_examples(self) -> int:
@@ -116,58 +107,20 @@ def per_layer_scores(layer_logits: torch.Tensor, labels: np.ndarray, metric_fn: 
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Default grids for sweeps and plots
+# Default grids for sweeps and plots (declared by each policy class)
 # --------------------------------------------------------------------------------------------------------------------
 
 
 def default_grid(policy_name: str, num_layers: int, num_labels: int) -> list[ExitPolicy]:
-    """A grid that spans each policy's range of speed-ups, for plots and calibration."""
-    if policy_name == "budget":
-        return [BudgetExit(layer=k) for k in range(1, num_layers + 1)]
-    if policy_name == "pabee":
-        if num_labels == 1:
-            return [
-                PatienceExit(patience=p, regression_threshold=t)
-                for p in range(1, num_layers)
-                for t in (0.05, 0.1, 0.2, 0.5)
-            ]
-        return [PatienceExit(patience=p) for p in range(1, num_layers)]
-    if num_labels == 1:
-        return []  # the other policies need class probabilities
-    fractions = np.linspace(0.0, 1.0, 21)[1:]
-    if policy_name == "deebert":
-        max_entropy = math.log(num_labels)
-        return [EntropyExit(threshold=round(float(f * max_entropy), 4)) for f in fractions]
-    if policy_name == "maxprob":
-        floor = 1.0 / num_labels
-        return [MaxProbExit(threshold=round(float(1.0 - f * (1.0 - floor)), 4)) for f in fractions[:-1]]
-    if policy_name == "pcee":
-        return [
-            PCEEExit(patience=p, tau=round(float(t), 3))
-            for p in range(1, min(num_layers, 4))
-            for t in np.linspace(0.05, 0.95, 10)
-        ]
-    if policy_name == "elbert":
-        return [
-            ELBERTExit(delta=round(float(d), 3), window=w, criterion="monotonic")
-            for w in (2, 3)
-            if w <= num_layers
-            for d in np.linspace(0.05, 0.95, 10)
-        ]
-    raise UserInputError(f"no default grid for policy {policy_name!r}")
+    """The grid that policy ``policy_name`` declares, spanning its range of speed-ups, for plots and calibration."""
+    if policy_name not in POLICIES:
+        raise UserInputError(f"no default grid for policy {policy_name!r}; policies are {', '.join(POLICIES)}")
+    return POLICIES[policy_name].default_grid(num_layers, num_labels)
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Calibration
+# Calibration: one protocol for the runner and the study
 # --------------------------------------------------------------------------------------------------------------------
-
-# The one continuous knob of each threshold policy, its range, and whether raising it makes exits earlier.
-_KNOBS: dict[str, tuple[str, float, float, bool]] = {
-    "deebert": ("threshold", 0.0, math.inf, True),
-    "maxprob": ("threshold", 0.0, 1.0, False),
-    "pcee": ("tau", 0.0, 1.0, True),
-    "elbert": ("delta", 0.0, 1.0, True),
-}
 
 
 @dataclass
@@ -176,19 +129,6 @@ class Calibration:
     calibration_score: PolicyScore
     reference_metric: float
     reached_target: bool
-
-
-def _knob(template: ExitPolicy) -> tuple[str, float, float, bool]:
-    if template.name == "pcee" and template.maxprob is not None:  # PCEE-v1: confident when max-prob >= knob
-        return ("maxprob", 0.0, 1.0, False)
-    return _KNOBS[template.name]
-
-
-def _with_knob(template: ExitPolicy, value: float) -> ExitPolicy:
-    knob = _knob(template)[0]
-    params = template.params()
-    params[knob] = value
-    return type(template)(**params)
 
 
 def calibrate(
@@ -201,19 +141,19 @@ def calibrate(
     max_metric_drop: float | None = None,
     iterations: int = 40,
 ) -> Calibration:
-    """Pick the setting of ``template``'s policy that meets a target on a calibration split.
+    """Move the knob of ``template`` (:meth:`ExitPolicy.knob`) to meet a target on a calibration split.
 
     * ``target_speedup``: the least-aggressive setting whose speed-up (L / mean exit layer) is >= the target.
     * ``max_metric_drop``: the fastest setting whose main metric is >= full-depth metric − drop.
 
-    Threshold policies (deebert, maxprob, pcee τ, elbert δ) are calibrated by bisection on their continuous knob,
-    keeping the template's other parameters; patience and budget by scanning their integer knob."""
+    A continuous knob (thresholds: DeeBERT entropy, max-prob, PCEE τ, ELBERT δ) is bisected, an integer knob
+    (patience, budget layer) scanned; the template's other fields are kept."""
     if (target_speedup is None) == (max_metric_drop is None):
         raise UserInputError("calibration needs exactly one of a target speed-up or a maximum metric drop")
     if target_speedup is not None and not (target_speedup >= 1.0):
         raise UserInputError(f"target speed-up must be >= 1, got {target_speedup}")
     layer_logits = torch.as_tensor(layer_logits).float()
-    num_layers = layer_logits.shape[1]
+    num_layers, num_labels = layer_logits.shape[1], layer_logits.shape[2]
     reference = score_policy(BudgetExit(layer=num_layers), layer_logits, labels, metric_fn).metrics[main_metric]
 
     def meets(score: PolicyScore) -> bool:
@@ -224,53 +164,109 @@ def calibrate(
     def score(policy: ExitPolicy) -> PolicyScore:
         return score_policy(policy, layer_logits, labels, metric_fn)
 
-    if template.name in _KNOBS:
-        _, low, high, raising_is_faster = _knob(template)
-        if math.isinf(high):
-            high = math.log(layer_logits.shape[2]) + 1e-6  # entropy never exceeds ln C
-        slow, fast = (low, high) if raising_is_faster else (high, low)
-
-        def at(aggressiveness: float) -> PolicyScore:
-            """0 = the full-depth end of the knob, 1 = the most aggressive end; speed-up grows with it."""
-            return score(_with_knob(template, slow + aggressiveness * (fast - slow)))
-
-        if target_speedup is not None:
-            # smallest aggressiveness that reaches the speed-up: the best score that meets the target
-            if not meets(at(1.0)):
-                best = at(1.0)
-                return Calibration(best.policy, best, reference, False)
-            if meets(at(0.0)):
-                best = at(0.0)
-                return Calibration(best.policy, best, reference, True)
-            failing, meeting = 0.0, 1.0
-        else:
-            # largest aggressiveness whose metric stays within the drop (bisection finds the first crossing)
-            if meets(at(1.0)):
-                best = at(1.0)
-                return Calibration(best.policy, best, reference, True)
-            meeting, failing = 0.0, 1.0
-        for _ in range(iterations):
-            middle = (failing + meeting) / 2
-            if meets(at(middle)):
-                meeting = middle
-            else:
-                failing = middle
-        best = at(meeting)
+    knob = template.knob(num_layers, num_labels)
+    if knob is None:
+        best = score(template)
         return Calibration(best.policy, best, reference, meets(best))
+    if knob.integer:
+        values = range(int(knob.low), int(knob.high) + 1)
+        scores = [score(template.replace(**{knob.field: value})) for value in values] or [score(template)]
+        meeting = [s for s in scores if meets(s)]
+        if not meeting:
+            best = max(scores, key=lambda s: s.speedup if target_speedup is not None else s.metrics[main_metric])
+            return Calibration(best.policy, best, reference, False)
+        if target_speedup is not None:
+            best = min(meeting, key=lambda s: (s.speedup, -s.metrics[main_metric]))
+        else:
+            best = max(meeting, key=lambda s: (s.speedup, s.metrics[main_metric]))
+        return Calibration(best.policy, best, reference, True)
 
-    candidates = default_grid(template.name, num_layers, layer_logits.shape[2])
-    if template.name == "pabee" and layer_logits.shape[2] == 1:
-        candidates = [p for p in candidates if p.regression_threshold == template.regression_threshold]
-    scores = [score(policy) for policy in candidates] or [score(template)]
-    meeting = [s for s in scores if meets(s)]
-    if not meeting:
-        best = max(scores, key=lambda s: s.speedup if target_speedup is not None else s.metrics[main_metric])
-        return Calibration(best.policy, best, reference, False)
+    slow, fast = (knob.low, knob.high) if knob.faster_when == "higher" else (knob.high, knob.low)
+
+    def at(aggressiveness: float) -> PolicyScore:
+        """0 = the full-depth end of the knob, 1 = the most aggressive end; speed-up grows with it."""
+        return score(template.replace(**{knob.field: slow + aggressiveness * (fast - slow)}))
+
     if target_speedup is not None:
-        best = min(meeting, key=lambda s: (s.speedup, -s.metrics[main_metric]))
+        # smallest aggressiveness that reaches the speed-up: the best score that meets the target
+        if not meets(at(1.0)):
+            best = at(1.0)
+            return Calibration(best.policy, best, reference, False)
+        if meets(at(0.0)):
+            best = at(0.0)
+            return Calibration(best.policy, best, reference, True)
+        failing, meeting = 0.0, 1.0
     else:
-        best = max(meeting, key=lambda s: (s.speedup, s.metrics[main_metric]))
-    return Calibration(best.policy, best, reference, True)
+        # largest aggressiveness whose metric stays within the drop (bisection finds the first crossing)
+        if meets(at(1.0)):
+            best = at(1.0)
+            return Calibration(best.policy, best, reference, True)
+        meeting, failing = 0.0, 1.0
+    for _ in range(iterations):
+        middle = (failing + meeting) / 2
+        if meets(at(middle)):
+            meeting = middle
+        else:
+            failing = middle
+    best = at(meeting)
+    return Calibration(best.policy, best, reference, meets(best))
+
+
+def choose_setting(
+    templates: Sequence[ExitPolicy],
+    layer_logits: torch.Tensor,
+    labels: np.ndarray,
+    metric_fn: MetricFn,
+    main_metric: str,
+    target_speedup: float | None = None,
+    max_metric_drop: float | None = None,
+    iterations: int = 40,
+) -> Calibration:
+    """Calibrate every template (:func:`calibrate`) and keep the best: among those meeting the target, the best
+    calibration score (then, for a speed-up target, the smaller speed-up; for a drop, the larger); if none meets it,
+    the fastest (speed-up target) or the best-scoring (drop). The templates are settings of one policy that differ in
+    what calibration does not move (PCEE's patience, ELBERT's window)."""
+    if not templates:
+        raise ValueError("choose_setting needs at least one template")
+    results = [calibrate(t, layer_logits, labels, metric_fn, main_metric, target_speedup, max_metric_drop, iterations)
+               for t in templates]
+    reached = [r for r in results if r.reached_target]
+    speed_sign = -1 if target_speedup is not None else 1
+    if reached:
+        return max(reached, key=lambda r: (r.calibration_score.metrics[main_metric],
+                                           speed_sign * r.calibration_score.speedup))
+    if target_speedup is not None:
+        return max(results, key=lambda r: r.calibration_score.speedup)
+    return max(results, key=lambda r: r.calibration_score.metrics[main_metric])
+
+
+@dataclass
+class HeldOutCalibration:
+    """A setting chosen on the first half of an evaluation set and scored on the second half."""
+
+    calibration: Calibration
+    held_out: PolicyScore
+
+
+def calibrate_held_out(
+    templates: Sequence[ExitPolicy],
+    layer_logits: torch.Tensor,
+    labels: np.ndarray,
+    metric_fn: MetricFn,
+    main_metric: str,
+    target_speedup: float | None = None,
+    max_metric_drop: float | None = None,
+    iterations: int = 40,
+) -> HeldOutCalibration:
+    """The matched-speed-up protocol: choose the setting on the first half (:func:`choose_setting`), report it on the
+    second half, so that the score is not measured on the examples that picked it."""
+    half = layer_logits.shape[0] // 2
+    if half < 2:
+        raise UserInputError("calibration needs at least 4 labelled eval examples")
+    chosen = choose_setting(templates, layer_logits[:half], labels[:half], metric_fn, main_metric, target_speedup,
+                            max_metric_drop, iterations)
+    held_out = score_policy(chosen.policy, layer_logits[half:], labels[half:], metric_fn)
+    return HeldOutCalibration(chosen, held_out)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -309,34 +305,65 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return sorted(front)
 
 
+Curve = Sequence[tuple[float, float]]  # (speed-up, score) points of one policy's settings
+
+# distinct markers and dash patterns: several policies coincide on binary tasks and must stay visible
+_STYLES = [{"marker": m, "linestyle": ls} for m, ls in
+           [("s", "-"), ("^", "-."), ("v", ":"), ("D", "-"), ("x", "--"), ("P", "-."), ("*", ":"), ("o", "-")]]
+
+
+def curves_from_scores(scores: Sequence[PolicyScore], main_metric: str, scale: float = 100.0) -> dict[str, Curve]:
+    """{policy name: [(speed-up, score × scale)]} of the scores that have ``main_metric``."""
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for score in scores:
+        if main_metric in score.metrics:
+            curves.setdefault(score.policy.name, []).append((score.speedup, score.metrics[main_metric] * scale))
+    return curves
+
+
 def plot_score_vs_speedup(
-    scores: Sequence[PolicyScore], main_metric: str, path: str, title: str = "", scale: float = 100.0
+    curves: dict[str, Curve],
+    path: str,
+    ylabel: str,
+    title: str = "",
+    xlabel: str = "speed-up in layers (L / mean exit layer)",
+    reference_lines: Sequence[tuple[str, float, str]] = (),
 ) -> None:
-    """Score vs speed-up (L / mean exit layer): each policy's Pareto frontier (a step curve: the best score reachable at
-    that speed-up or more) plus its settings as faint dots; the budgeted-exit curve is the baseline to beat."""
+    """Score vs speed-up: each curve's Pareto frontier as a step line (the best score reachable at that speed-up or
+    more: no setting lies between two points) plus its settings as faint dots. A curve named ``budget`` (the static
+    exit, the baseline to beat) is black and dashed; legends use the policy's title where the name is a policy's.
+    ``reference_lines`` are (label, score, colour) horizontal lines (full depth, a single-exit model). The image is
+    drawn under a temporary name and renamed, so concurrent runs never leave a half-written file."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_policy: dict[str, list[PolicyScore]] = {}
-    for score in scores:
-        if main_metric in score.metrics:
-            by_policy.setdefault(score.policy.name, []).append(score)
-    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for name, group in sorted(by_policy.items(), key=lambda item: item[0] != "budget"):
-        points = [(s.speedup, s.metrics[main_metric] * scale) for s in group]
-        style = {"color": "black", "linestyle": "--"} if name == "budget" else {}
-        # a step, not a straight line, between Pareto points: for a speed-up between two settings the best score
-        # reachable is the faster setting's (no setting lies in between)
-        front = pareto_front(points)
-        line = axes.plot(*zip(*front), marker="o", markersize=3, label=name, drawstyle="steps-pre", **style)[0]
-        axes.scatter(*zip(*points), s=6, alpha=0.25, color=line.get_color())
-    axes.set_xlabel("speed-up in layers (L / mean exit layer)")
-    axes.set_ylabel(f"{main_metric} (×{scale:g})" if scale != 1 else main_metric)
-    axes.set_title(title)
+    figure, axes = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    styled = 0
+    for name, points in sorted(curves.items(), key=lambda item: item[0] != "budget"):
+        points = [(speed, value) for speed, value in points if value is not None and not math.isnan(value)]
+        if not points:
+            continue
+        if name == "budget":
+            style = {"color": "black", "linestyle": "--", "marker": "o"}
+        else:
+            style, styled = _STYLES[styled % len(_STYLES)], styled + 1
+        label = POLICIES[name].title if name in POLICIES else name
+        line = axes.plot(*zip(*pareto_front(points)), markersize=4, alpha=0.85, markerfacecolor="none", label=label,
+                         drawstyle="steps-pre", **style)[0]
+        axes.scatter(*zip(*points), s=7, alpha=0.25, color=line.get_color())
+    for label, value, color in reference_lines:
+        if value is not None and not math.isnan(value):
+            axes.axhline(value, color=color, linestyle=":", linewidth=1, label=label)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title, fontsize=10)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path)
+    folder, base = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(folder, f".tmp-{os.getpid()}-{base}")
+    figure.savefig(temporary, format=os.path.splitext(base)[1].lstrip(".") or "png")
     plt.close(figure)
+    os.replace(temporary, path)

@@ -36,7 +36,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import f1_score, matthews_corrcoef
 from transformers import DataCollatorWithPadding
 
-from errors import UserInputError
+from multiexit_errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
@@ -677,6 +677,6 @@ class LengthDroppingCollator(DataCollatorWithPadding):
         return super().__call__([{k: v for k, v in f.items() if k != "length"} for f in features])
 
 
-def make_collator(tokenizer: Any, pad_to_multiple_of: int | None = None) -> DataCollatorWithPadding:
-    """Collator that pads each batch to its longest sequence (optionally to a multiple, for tensor cores)."""
-    return LengthDroppingCollator(tokenizer=tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+def make_collator(tokenizer: Any) -> DataCollatorWithPadding:
+    """Collator that pads each batch to its longest sequence."""
+    return LengthDroppingCollator(tokenizer=tokenizer)

@@ -38,8 +38,8 @@ from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import ModelOutput
 
-from errors import UserInputError
 from exit_policies import ExitPolicy, ExitTracker
+from multiexit_errors import UserInputError
 
 EXIT_HEAD_TYPES = ("shared_pooler", "pooler", "classification_head")
 EXIT_POOLINGS = ("cls", "mean")

@@ -33,7 +33,7 @@
 #
 # Runs that already have their logits are skipped, so an interrupted study resumes where it stopped.
 # Each run is exactly `python run_glue_with_exits.py <args>` (the list is written to results/commands.txt); they are
-# executed in one Python process via run_glue_with_exits.main(argv) only to avoid paying the ~25 s import of
+# executed in one Python process via run_glue_with_exits.cli(argv) only to avoid paying the ~25 s import of
 # torch/transformers 40 times on a contended 2-core machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -142,7 +142,7 @@ for i, (task, variant, seed) in enumerate(plan):
     os.close(fd)
     print(f"[{i + 1}/{len(plan)}] {time.strftime('%H:%M:%S')} run {task} {variant} seed {seed}", flush=True)
     start = time.time()
-    code = run_glue_with_exits.main(argv)
+    code = run_glue_with_exits.cli(argv)
     if code != 0:
         sys.exit(f"run failed ({code}): python run_glue_with_exits.py {shlex.join(argv)}")
     elapsed = time.time() - start

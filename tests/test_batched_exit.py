@@ -18,7 +18,6 @@ import pytest
 import torch
 from transformers import AlbertConfig, BertConfig, RobertaConfig
 
-from errors import UserInputError
 from exit_policies import (
     BudgetExit,
     ELBERTExit,
@@ -34,6 +33,7 @@ from exit_policies import (
 )
 from modeling_multiexit_albert import MultiExitAlbertForSequenceClassification
 from modeling_multiexit_bert import MultiExitBertForSequenceClassification, MultiExitRobertaForSequenceClassification
+from multiexit_errors import UserInputError
 
 NUM_LAYERS = 6
 LENGTHS = [12, 5, 9, 3, 12, 7, 10, 4]

@@ -1,6 +1,6 @@
 """Bad input gives one clear ``error: ...`` line, exit status 2, no traceback, and nothing written.
 
-Every case runs the real runner in-process (``run_glue_with_exits.main(argv)``) on a tiny random BERT and a tiny
+Every case runs the real runner in-process (``run_glue_with_exits.cli(argv)``) on a tiny random BERT and a tiny
 synthetic SST-2 folder, so the whole file needs neither ../shared nor the network. For mistakes caught before any
 work the output folder must not even be created: no results file, no checkpoint, no feature cache that would make
 the corrected re-run fail with "output_dir already exists". Inputs that are tolerated on purpose (BOM, CRLF, stray
@@ -20,8 +20,8 @@ import torch
 from tiny_runs import make_tiny_model, read_details, read_records, run_main, sst2_rows, write_sst2
 
 import run_glue_with_exits
-from errors import UserInputError
 from exit_policies import EntropyExit, entropy, make_policy, replay
+from multiexit_errors import UserInputError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -161,7 +161,7 @@ def test_fp16_without_cuda(tiny: dict[str, Path], tmp_path: Path) -> None:
 
 def test_unknown_flag_is_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        run_glue_with_exits.main(["--task_name", "sst-2", "--output_dir", "x", "--exit_policy", "pabee"])
+        run_glue_with_exits.cli(["--task_name", "sst-2", "--output_dir", "x", "--exit_policy", "pabee"])
     assert exit_info.value.code == 2
     stderr = capsys.readouterr().err
     assert "unrecognized arguments: --exit_policy pabee" in stderr and "Traceback" not in stderr

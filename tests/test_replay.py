@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from errors import UserInputError
 from exit_policies import (
     POLICIES,
     BudgetExit,
@@ -22,6 +21,7 @@ from exit_policies import (
 from exit_replay import (
     calibrate,
     compare_with_online,
+    curves_from_scores,
     default_grid,
     pareto_front,
     per_layer_scores,
@@ -29,6 +29,7 @@ from exit_replay import (
     score_policy,
     sweep,
 )
+from multiexit_errors import UserInputError
 
 NUM_LAYERS, NUM_LABELS = 6, 3
 
@@ -335,6 +336,6 @@ def test_plot_writes_png(cache, tmp_path) -> None:
     policies += default_grid("pabee", NUM_LAYERS, NUM_LABELS)
     scores = sweep(policies, layer_logits, labels, accuracy, progress=False)
     path = tmp_path / "score_vs_speedup.png"
-    plot_score_vs_speedup(scores, "acc", str(path), title="synthetic")
+    plot_score_vs_speedup(curves_from_scores(scores, "acc"), str(path), "acc (×100)", title="synthetic")
     assert path.exists() and path.stat().st_size > 1000
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

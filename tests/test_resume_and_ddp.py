@@ -33,8 +33,9 @@ import torch
 from safetensors.torch import load_file
 from tiny_runs import comparable, make_tiny_model, read_details, read_records, run_main, write_sst2
 
-import run_glue_with_exits
-from checkpointing import append_jsonl, atomic_directory, list_checkpoints, read_jsonl, staged_files
+import multiexit_args
+import multiexit_training
+from multiexit_io import append_jsonl, atomic_directory, list_checkpoints, read_jsonl, staged_files
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -178,7 +179,7 @@ def test_final_model_files_are_staged(tmp_path: Path) -> None:
 
 
 def test_resuming_with_other_settings_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    args = run_glue_with_exits.parse_args(["--task_name", "sst-2", "--output_dir", str(tmp_path), "--do_train"])
+    args = multiexit_args.parse_args(["--task_name", "sst-2", "--output_dir", str(tmp_path), "--do_train"])
     (tmp_path / "training_args.json").write_text(json.dumps(vars(args)))
     (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 3, "num_processes": 2}))
     args.per_gpu_train_batch_size, args.seed = 16, 1
@@ -187,7 +188,7 @@ def test_resuming_with_other_settings_warns(tmp_path: Path, caplog: pytest.LogCa
         num_processes = 1
 
     caplog.set_level(logging.WARNING)
-    run_glue_with_exits.warn_if_resume_differs(args, OneProcess(), str(tmp_path))
+    multiexit_training.warn_if_resume_differs(args, OneProcess(), str(tmp_path))
     assert "--seed 42 -> 1; --per_gpu_train_batch_size 8 -> 16; processes 2 -> 1" in caplog.text
 
 SCENARIOS = {
@@ -210,7 +211,7 @@ def _train_args(model: Path, data: Path, output_dir: Path, flags: list[object]) 
 def _killed_run(argv: list[object], after_checkpoint: int, forwards_later: int) -> tuple[int, str]:
     """Run until ``forwards_later`` training forward passes after checkpoint-``after_checkpoint`` was saved, then
     raise KeyboardInterrupt (Ctrl-C, or the SIGINT a scheduler sends) in the middle of that step."""
-    original_save, original_inputs = run_glue_with_exits.save_checkpoint, run_glue_with_exits.model_inputs
+    original_save, original_inputs = multiexit_training.save_checkpoint, multiexit_training.model_inputs
     seen = {"saved": False, "forwards": 0}
 
     def save_checkpoint(folder: str, *args: object, **kwargs: object) -> None:
@@ -225,8 +226,8 @@ def _killed_run(argv: list[object], after_checkpoint: int, forwards_later: int) 
         return original_inputs(batch)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(run_glue_with_exits, "save_checkpoint", save_checkpoint)
-        patch.setattr(run_glue_with_exits, "model_inputs", model_inputs)
+        patch.setattr(multiexit_training, "save_checkpoint", save_checkpoint)
+        patch.setattr(multiexit_training, "model_inputs", model_inputs)
         return run_main(argv)
 
 

@@ -18,6 +18,7 @@ import sys
 import numpy as np
 import pytest
 
+import multiexit_args
 import run_glue_with_exits
 from glue_data import compute_metrics, get_task
 
@@ -59,7 +60,7 @@ def trained_run(tmp_path_factory, mrpc_dir):  # noqa: ANN001, ANN201
         "--eval_each_highway", "--sweep_default_grids", "--save_layer_logits",
         "--online", "--verify_online", "--timing_repeats", "1", "--timing_warmup", "1",
     ]
-    assert run_glue_with_exits.main(argv) == 0
+    assert run_glue_with_exits.cli(argv) == 0
     return output_dir
 
 
@@ -126,7 +127,7 @@ def test_results_are_appended_never_overwritten(trained_run, mrpc_dir):  # noqa:
     before = open(os.path.join(trained_run, "exit_results.jsonl")).read()
     argv = ["--model_type", "bert", "--model_name_or_path", trained_run, "--task_name", "mrpc", "--data_dir", mrpc_dir,
             "--output_dir", trained_run, "--do_eval", "--max_eval_samples", "24", "--patience", "1"]
-    assert run_glue_with_exits.main(argv) == 0
+    assert run_glue_with_exits.cli(argv) == 0
     after = open(os.path.join(trained_run, "exit_results.jsonl")).read()
     assert after.startswith(before) and len(after.splitlines()) == len(before.splitlines()) + 2  # full depth + pabee
 
@@ -144,11 +145,11 @@ def test_seed_command_lines_parse():
                "--output_dir out --plot_data_dir plots --eval_highway --eval_each_highway --early_exit_entropy 0.1 "
                "--per_gpu_eval_batch_size 1 --train_highway --overwrite_output_dir --fp16_opt_level O1")
     for line in (train, infer, deebert):
-        args = run_glue_with_exits.parse_args(shlex.split(line))
-        policies = run_glue_with_exits.policies_from_args(args)
+        args = multiexit_args.parse_args(shlex.split(line))
+        policies = multiexit_args.policies_from_args(args)
         assert all(p.name in {"pabee", "deebert"} for p in policies)
-    infer_args = run_glue_with_exits.parse_args(shlex.split(infer))
-    policies = run_glue_with_exits.policies_from_args(infer_args)
+    infer_args = multiexit_args.parse_args(shlex.split(infer))
+    policies = multiexit_args.policies_from_args(infer_args)
     assert [p.patience for p in policies] == [3, 4, 5, 6, 7, 8]
     assert {p.regression_threshold for p in policies} == {0.1}
 

@@ -68,7 +68,7 @@ def run_main(argv: list[str]) -> tuple[int, str]:
 
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
-        status = run_glue_with_exits.main([str(a) for a in argv])
+        status = run_glue_with_exits.cli([str(a) for a in argv])
     return status, stderr.getvalue()
 
 

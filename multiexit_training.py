@@ -1,0 +1,306 @@
+"""The training loop: one joint stage, or DeeBERT's two, resumable exactly from any checkpoint-N.
+
+:func:`train` reads top to bottom: for each stage, build the optimizer, restore the interrupted position if the run
+is a resumption (:func:`restore_position`), then run the stage's steps (:func:`run_stage`). Everything that makes a
+resumption exact (the data order per epoch, the batches already seen, every RNG state, optimizer and scheduler) is
+saved in each ``checkpoint-N`` by :func:`save_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from glue_data import make_collator
+from multiexit_errors import UserInputError
+from multiexit_io import (
+    append_jsonl,
+    atomic_directory,
+    atomic_write_text,
+    list_checkpoints,
+    load_training_state,
+    save_training_state,
+    set_rng_state,
+    staged_files,
+)
+from multiexit_loading import model_inputs
+
+logger = logging.getLogger("run_glue_with_exits")
+
+
+@dataclass
+class TrainingPlan:
+    stage: str  # "joint", "deebert_stage1" or "deebert_stage2"
+    learning_rate: float
+
+
+def training_plans(args: argparse.Namespace) -> list[TrainingPlan]:
+    if args.deebert_two_stage:
+        return [
+            TrainingPlan("deebert_stage1", args.learning_rate),
+            TrainingPlan("deebert_stage2", args.stage2_learning_rate or args.learning_rate),
+        ]
+    return [TrainingPlan("joint", args.learning_rate)]
+
+
+def save_checkpoint(folder: str, accelerator, model, tokenizer, args, optimizer, scheduler, progress: dict) -> None:  # noqa: ANN001
+    """Weights (safetensors), tokenizer, arguments and the exact training state, written atomically."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with atomic_directory(folder) as temporary:
+            accelerator.unwrap_model(model).save_pretrained(temporary, safe_serialization=True)
+            tokenizer.save_pretrained(temporary)
+            with open(os.path.join(temporary, "training_args.json"), "w") as stream:
+                json.dump(vars(args), stream, indent=2, sort_keys=True)
+            if optimizer is not None:
+                save_training_state(temporary, optimizer, scheduler, progress)
+            # inside the temporary folder: a checkpoint-N that exists is complete, resume state included
+            with open(os.path.join(temporary, "trainer_state.json"), "w") as stream:
+                json.dump(progress, stream)
+    accelerator.wait_for_everyone()
+
+
+def _is_resumable(folder: str) -> bool:
+    return all(os.path.isfile(os.path.join(folder, name))
+               for name in ("trainer_state.json", "training_state.pt", "model.safetensors"))
+
+
+def find_resume_folder(args: argparse.Namespace) -> str | None:
+    """The checkpoint --resume_from_checkpoint names (None: start fresh), with clear errors; reads nothing big."""
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(args.output_dir)
+        complete = [folder for folder in checkpoints if _is_resumable(folder)]
+        for folder in sorted(set(checkpoints) - set(complete)):
+            logger.warning("skipping %s: not a complete training checkpoint (written by an older version?)", folder)
+        if not complete:
+            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting fresh", args.output_dir)
+            return None
+        return complete[-1]
+    folder = args.resume_from_checkpoint
+    if not os.path.isdir(folder):
+        raise UserInputError(f"--resume_from_checkpoint {folder}: no such folder")
+    if not _is_resumable(folder):
+        raise UserInputError(
+            f"--resume_from_checkpoint {folder}: not a training checkpoint (needs trainer_state.json, "
+            f"training_state.pt and model.safetensors, as in the checkpoint-N folders written with --save_steps)"
+        )
+    return folder
+
+
+# flags that decide the data order and the optimisation: resuming with other values still runs, but is no longer
+# the continuation of the interrupted run
+RESUME_SENSITIVE_FLAGS = ("task_name", "data_dir", "max_train_samples", "max_seq_length", "num_hidden_layers", "seed",
+                          "per_gpu_train_batch_size", "gradient_accumulation_steps", "deebert_two_stage", "exit_loss",
+                          "exit_head_type", "exit_pooling", "learning_rate", "stage2_learning_rate", "weight_decay")
+
+
+def warn_if_resume_differs(args: argparse.Namespace, accelerator, folder: str) -> None:  # noqa: ANN001
+    try:
+        with open(os.path.join(folder, "training_args.json"), encoding="utf-8") as stream:
+            saved = json.load(stream)
+        with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as stream:
+            saved_processes = json.load(stream).get("num_processes", accelerator.num_processes)
+    except (OSError, ValueError):
+        return
+    changed = [f"--{name} {saved.get(name)!r} -> {getattr(args, name)!r}" for name in RESUME_SENSITIVE_FLAGS
+               if name in saved and saved[name] != getattr(args, name)]
+    if saved_processes != accelerator.num_processes:
+        changed.append(f"processes {saved_processes} -> {accelerator.num_processes}")
+    if changed:
+        logger.warning("resuming from %s with different settings (%s): training continues, but it will not end "
+                       "where the interrupted run would have", folder, "; ".join(changed))
+
+
+@dataclass
+class StagePosition:
+    """Where a stage starts: at its beginning, or where an interrupted run saved its last checkpoint."""
+
+    global_step: int
+    stage_step: int = 0
+    first_epoch: int = 0
+    skip_batches: int = 0  # batches of ``first_epoch`` the interrupted run had already trained on
+    pending_rng: dict | None = None  # RNG state to restore where the interrupted run saved it (see run_stage)
+
+
+def train(args, accelerator, model, tokenizer, train_features, eval_callback) -> None:  # noqa: ANN001
+    """The training loop: every plan (one, or DeeBERT's two stages) in turn, resumable at any saved step."""
+    train_loader = DataLoader(
+        train_features, batch_size=args.per_gpu_train_batch_size, shuffle=True, collate_fn=make_collator(tokenizer)
+    )
+    # each process sees every num_processes-th batch (accelerate pads the last round so all see as many)
+    batches_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes)
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / args.gradient_accumulation_steps))
+    if args.max_steps > 0:
+        steps_per_stage = args.max_steps
+    else:
+        steps_per_stage = max(1, int(math.ceil(args.num_train_epochs * steps_per_epoch)))
+
+    resume_folder = find_resume_folder(args)
+    saved = None
+    if resume_folder is not None:
+        warn_if_resume_differs(args, accelerator, resume_folder)
+        with open(os.path.join(resume_folder, "trainer_state.json"), encoding="utf-8") as stream:
+            saved = json.load(stream)
+    global_step = 0
+    for stage_index, plan in enumerate(training_plans(args)):
+        if saved is not None and saved["stage_index"] > stage_index:  # finished before the interruption
+            global_step = saved["global_step"]
+            continue
+        unwrap(accelerator, model).set_training_stage(plan.stage)
+        optimizer, scheduler = make_optimizer(args, accelerator, model, plan, steps_per_stage)
+        prepared_model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+        position = StagePosition(global_step)
+        if saved is not None and saved["stage_index"] == stage_index:
+            position = restore_position(args, accelerator, prepared_model, optimizer, scheduler, resume_folder,
+                                        steps_per_epoch)
+            logger.info("resumed from %s at step %d (stage %s)", resume_folder, position.global_step, plan.stage)
+        saved = None
+        logger.info("***** training: stage %s, %d examples, %d optimisation steps *****",
+                    plan.stage, len(train_features), steps_per_stage)
+        global_step = run_stage(args, accelerator, stage_index, plan, prepared_model, optimizer, scheduler, loader,
+                                tokenizer, position, steps_per_stage, eval_callback)
+        if plan.stage == "deebert_stage1" and args.eval_after_first_stage:
+            scores = eval_callback(accelerator.unwrap_model(prepared_model))
+            logger.info("after stage 1, per-layer dev scores: %s", scores)
+        model = accelerator.unwrap_model(prepared_model)
+        accelerator.free_memory()
+    unwrap(accelerator, model).set_training_stage("joint")
+    unwrap(accelerator, model).eval()
+
+
+def save_final_model(args, accelerator, model, tokenizer) -> None:  # noqa: ANN001
+    """The seeds' layout: the final model sits in output_dir itself (for --do_eval and --eval_all_checkpoints),
+    written into a temporary folder first and renamed file by file, so a kill leaves no half-written file."""
+    if accelerator.is_main_process:
+        with staged_files(args.output_dir) as staging:
+            model.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+        atomic_write_text(os.path.join(args.output_dir, "training_args.json"),
+                          json.dumps(vars(args), indent=2, sort_keys=True))
+    accelerator.wait_for_everyone()
+
+
+def unwrap(accelerator, model: torch.nn.Module) -> torch.nn.Module:  # noqa: ANN001
+    return accelerator.unwrap_model(model) if hasattr(model, "module") else model
+
+
+def make_optimizer(args, accelerator, model, plan: TrainingPlan, steps_per_stage: int) -> tuple:  # noqa: ANN001
+    """AdamW over the parameters this stage trains (no weight decay on biases and LayerNorm) and its linear
+    schedule with warm-up."""
+    from transformers import get_linear_schedule_with_warmup
+
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decayed = [p for n, p in trainable if not any(k in n for k in no_decay)]
+    not_decayed = [p for n, p in trainable if any(k in n for k in no_decay)]
+    groups = [{"params": decayed, "weight_decay": args.weight_decay}, {"params": not_decayed, "weight_decay": 0.0}]
+    # foreach: one fused update over all tensors; torch's CPU default loops per tensor (a third of a MiniLM step)
+    optimizer = torch.optim.AdamW(groups, lr=plan.learning_rate, eps=args.adam_epsilon, foreach=True)
+    warmup = args.warmup_steps or int(args.warmup_ratio * steps_per_stage)
+    # accelerate steps a prepared scheduler once per process per optimisation step: scale both lengths by the
+    # number of processes so the learning rate at step k is the same as in a one-process run
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, warmup * accelerator.num_processes, steps_per_stage * accelerator.num_processes
+    )
+    return optimizer, scheduler
+
+
+def restore_position(args, accelerator, prepared_model, optimizer, scheduler, folder: str,  # noqa: ANN001
+                     steps_per_epoch: int) -> StagePosition:
+    """Load the weights, optimizer, scheduler (and fp16 loss scale) of ``folder`` and say where its stage resumes."""
+    from safetensors.torch import load_file
+
+    accelerator.unwrap_model(prepared_model).load_state_dict(
+        load_file(os.path.join(folder, "model.safetensors")), strict=True
+    )
+    progress = load_training_state(folder, optimizer, scheduler, restore_rng=False)
+    if accelerator.scaler is not None and "grad_scaler" in progress:
+        accelerator.scaler.load_state_dict(progress["grad_scaler"])
+    stage_step = progress["stage_step"]
+    return StagePosition(
+        global_step=progress["global_step"],
+        stage_step=stage_step,
+        first_epoch=stage_step // steps_per_epoch,
+        skip_batches=(stage_step % steps_per_epoch) * args.gradient_accumulation_steps,
+        pending_rng=progress["rng_state"],  # applied where the original run saved it, see run_stage
+    )
+
+
+def run_stage(args, accelerator, stage_index: int, plan: TrainingPlan, prepared_model, optimizer, scheduler,  # noqa: ANN001
+              loader, tokenizer, position: StagePosition, steps_per_stage: int,  # noqa: ANN001
+              eval_callback: Callable[[torch.nn.Module], dict]) -> int:
+    """Train one stage from ``position`` to ``steps_per_stage``; logs, evaluates and saves checkpoints on the way.
+    Returns the global step reached."""
+    global_step, stage_step = position.global_step, position.stage_step
+    skip_batches, pending_rng = position.skip_batches, position.pending_rng
+    progress_bar = tqdm(total=steps_per_stage, initial=stage_step, desc=f"train ({plan.stage})",
+                        disable=not accelerator.is_local_main_process)
+    prepared_model.train()
+    running_loss, running_count = 0.0, 0
+    epoch = position.first_epoch
+    while stage_step < steps_per_stage:
+        loader.set_epoch(epoch)  # a seeded shuffle per epoch: resuming replays the same order
+        if pending_rng is not None and not skip_batches:  # resumed at an epoch boundary
+            set_rng_state(pending_rng)
+            pending_rng = None
+        batches = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
+        skip_batches = 0
+        for batch in batches:
+            if pending_rng is not None:
+                # resumed mid-epoch: the original run had created this epoch's data iterator (which draws from
+                # the global RNG) before saving, so the RNG state is restored after ours was created
+                set_rng_state(pending_rng)
+                pending_rng = None
+            with accelerator.accumulate(prepared_model):
+                output = prepared_model(**model_inputs(batch), labels=batch["labels"])
+                accelerator.backward(output.loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(prepared_model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            running_loss += output.loss.detach().float().item()
+            running_count += 1
+            if not accelerator.sync_gradients:
+                continue
+            stage_step += 1
+            global_step += 1
+            progress_bar.update(1)
+            if args.logging_steps > 0 and global_step % args.logging_steps == 0:
+                loss = running_loss / max(running_count, 1)
+                if accelerator.num_processes > 1:  # the mean over all processes' batches, as with one process
+                    loss = accelerator.reduce(torch.tensor(loss, device=accelerator.device), "mean").item()
+                record = {"step": global_step, "stage": plan.stage, "loss": loss,
+                          "learning_rate": scheduler.get_last_lr()[0]}
+                running_loss, running_count = 0.0, 0
+                if args.evaluate_during_training:
+                    record["eval_per_layer"] = eval_callback(accelerator.unwrap_model(prepared_model))
+                    prepared_model.train()
+                progress_bar.set_postfix(loss=f"{record['loss']:.4f}")
+                if accelerator.is_main_process:
+                    append_jsonl(os.path.join(args.output_dir, "training_log.jsonl"), record)
+            if args.save_steps > 0 and global_step % args.save_steps == 0:
+                state = {"global_step": global_step, "stage_step": stage_step, "stage_index": stage_index,
+                         "num_processes": accelerator.num_processes}
+                if accelerator.scaler is not None:  # --fp16: the loss scale is training state too
+                    state["grad_scaler"] = accelerator.scaler.state_dict()
+                folder = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+                save_checkpoint(folder, accelerator, prepared_model, tokenizer, args, optimizer, scheduler, state)
+            if stage_step >= steps_per_stage:
+                break
+        epoch += 1
+    if pending_rng is not None:  # resumed at the very end of this stage
+        set_rng_state(pending_rng)
+    progress_bar.close()
+    return global_step

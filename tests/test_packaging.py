@@ -1,0 +1,75 @@
+"""Installing: setup.cfg lists every module, no module takes a common top-level name, and a non-editable
+``pip install .`` into a fresh virtual environment gives a runner that works from another directory."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+from tiny_runs import make_tiny_model, write_sst2
+
+ROOT = Path(__file__).resolve().parents[1]
+# every module of the project starts with one of these, so none can shadow (or be shadowed by) a common name such as
+# "errors" or "checkpointing" in site-packages
+PREFIXES = ("exit_", "glue_data", "modeling_multiexit", "multiexit_", "run_glue_with_exits")
+
+
+def listed_modules() -> list[str]:
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    return config["options"]["py_modules"].split()
+
+
+def test_setup_cfg_lists_every_module() -> None:
+    assert sorted(listed_modules()) == sorted(path.stem for path in ROOT.glob("*.py"))
+
+
+def test_module_names_are_project_specific() -> None:
+    for name in listed_modules():
+        assert name.startswith(PREFIXES), name
+
+
+@pytest.mark.slow
+def test_fresh_non_editable_install_runs_from_another_directory(tmp_path: Path) -> None:
+    # the project, copied without its virtual environment, run outputs and git folder
+    source = tmp_path / "source"
+    skipped = (".venv", ".git", "runs", "outputs", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache")
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*skipped))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    # dependencies (torch, transformers, ..., and pip and setuptools to install with) come from this test's
+    # environment through a plain path entry, which does not activate the editable install of the project that this
+    # environment may hold: the project itself can only be imported from what pip installs below
+    fresh_site = subprocess.check_output(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip()
+    Path(fresh_site, "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    install = subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+                              str(source)], capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stderr[-3000:]
+    installed = {path.stem for path in Path(fresh_site).glob("*.py")}
+    assert installed == set(listed_modules())
+
+    # a tiny model and data set, and a run of the installed console script from an unrelated directory
+    model = make_tiny_model(tmp_path / "model", layers=2, multi_exit=True)
+    data = write_sst2(tmp_path / "SST-2", train=4, dev=6)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH",)}
+    env["HF_HUB_OFFLINE"] = "1"
+    where = subprocess.run([python, "-c", "import run_glue_with_exits; print(run_glue_with_exits.__file__)"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert where.returncode == 0, where.stderr[-3000:]
+    assert where.stdout.strip().startswith(fresh_site), where.stdout
+    run = subprocess.run([venv / "bin" / "run_glue_with_exits", "--model_name_or_path", str(model), "--task_name",
+                          "sst-2", "--data_dir", str(data), "--output_dir", str(tmp_path / "out"),
+                          "--max_seq_length", "32", "--do_eval", "--patience", "1"],
+                         cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "out" / "exit_results.jsonl").stat().st_size > 0

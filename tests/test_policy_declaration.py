@@ -1,0 +1,118 @@
+"""A policy is one class: a toy policy defined in this file only is swept by the runner (its flags appear, comma lists
+sweep it, --sweep_default_grids and --calibrate_speedup pick it up), replayed, calibrated and plotted, with no change
+anywhere else. The class-level declarations of the real policies are checked too."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+from tiny_runs import make_tiny_model, read_records, run_main, write_sst2
+
+import multiexit_args
+from exit_policies import POLICIES, ExitPolicy, Knob, PolicyFlag, State, softmax
+from exit_replay import calibrate, curves_from_scores, plot_score_vs_speedup, sweep
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
+
+@pytest.fixture
+def toy_policy() -> Iterator[type[ExitPolicy]]:
+    """Defines (and so registers) a toy policy for one test, and unregisters it afterwards."""
+
+    @dataclass(frozen=True)
+    class ClassZeroExit(ExitPolicy):
+        """Toy rule: exit at the first layer whose probability of class 0 is at least ``threshold``."""
+
+        threshold: float = 0.9
+        name: ClassVar[str] = "toy_class_zero"
+        title: ClassVar[str] = "Toy (class-0 probability)"
+        flags: ClassVar[tuple[PolicyFlag, ...]] = (
+            PolicyFlag("--toy_threshold", "threshold", float, "toy class-0 probability thresholds (list)"),
+        )
+
+        def step(self, state: State, logits: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, State]:
+            return softmax(logits)[:, 0] >= self.threshold, logits, state
+
+        def knob(self, num_layers: int, num_labels: int) -> Knob:
+            return Knob("threshold", 0.0, 1.0, faster_when="lower")
+
+        @classmethod
+        def default_grid(cls, num_layers: int, num_labels: int) -> list[ExitPolicy]:
+            return [cls(threshold=t) for t in (0.3, 0.5, 0.7, 0.9, 1.0)] if num_labels > 1 else []
+
+    assert POLICIES["toy_class_zero"] is ClassZeroExit
+    yield ClassZeroExit
+    del POLICIES["toy_class_zero"]
+
+
+def test_toy_policy_through_replay_calibration_and_plot(toy_policy: type[ExitPolicy], tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(0)
+    layer_logits = torch.randn(200, 4, 2, generator=generator) * torch.arange(1, 5)[None, :, None]
+    labels = (layer_logits[:, -1].argmax(-1)).numpy()
+
+    def accuracy(predictions: np.ndarray, gold: np.ndarray) -> dict[str, float]:
+        return {"acc": float((predictions == gold).mean())}
+
+    scores = sweep(toy_policy.default_grid(4, 2), layer_logits, labels, accuracy, progress=False)
+    assert [s.policy.threshold for s in scores] == [0.3, 0.5, 0.7, 0.9, 1.0]
+    assert scores[0].speedup > scores[-1].speedup >= 1.0  # lower threshold, earlier exits
+    result = calibrate(toy_policy(), layer_logits, labels, accuracy, "acc", target_speedup=1.5)
+    assert result.reached_target and result.calibration_score.speedup >= 1.5
+    assert result.policy.name == "toy_class_zero" and 0.0 < result.policy.threshold < 1.0
+    path = tmp_path / "plot.png"
+    plot_score_vs_speedup(curves_from_scores(scores, "acc"), str(path), "acc")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_toy_policy_through_the_runner(toy_policy: type[ExitPolicy], tmp_path: Path) -> None:
+    args = multiexit_args.parse_args(["--task_name", "sst-2", "--output_dir", "x", "--toy_threshold", "0.5,0.9"])
+    assert [p.label() for p in multiexit_args.policies_from_args(args)] == [
+        "toy_class_zero(threshold=0.5)", "toy_class_zero(threshold=0.9)"]
+    model = make_tiny_model(tmp_path / "model", layers=3, multi_exit=True)
+    data = write_sst2(tmp_path / "SST-2", train=8, dev=16)
+    output_dir = tmp_path / "out"
+    status, stderr = run_main(["--model_name_or_path", model, "--task_name", "sst-2", "--data_dir", data,
+                               "--output_dir", output_dir, "--max_seq_length", 32, "--do_eval",
+                               "--toy_threshold", "0.5,0.9", "--sweep_default_grids", "--calibrate_speedup", "1.5"])
+    assert status == 0, stderr
+    toy = [r for r in read_records(output_dir) if r["policy"] == "toy_class_zero"]
+    requested = [r for r in toy if not r.get("grid") and "calibration" not in r]
+    assert [r["params"]["threshold"] for r in requested] == [0.5, 0.9]
+    assert [r["params"]["threshold"] for r in toy if r.get("grid")] == [0.3, 0.5, 0.7, 0.9, 1.0]
+    calibrated = [r for r in toy if "calibration" in r]
+    assert len(calibrated) == 1 and calibrated[0]["calibration"]["target_speedup"] == 1.5
+    assert (output_dir / "score_vs_speedup_model.png").stat().st_size > 0  # named after the evaluated checkpoint
+
+
+def test_bad_toy_value_names_its_flag(toy_policy: type[ExitPolicy]) -> None:
+    from multiexit_errors import UserInputError
+
+    args = multiexit_args.parse_args(["--task_name", "sst-2", "--output_dir", "x", "--toy_threshold", "0.5,abc"])
+    with pytest.raises(UserInputError, match="--toy_threshold"):
+        multiexit_args.policies_from_args(args)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_policy_declares_what_the_rest_needs(name: str) -> None:
+    cls = POLICIES[name]
+    assert cls.title and cls.flags, name
+    for num_layers, num_labels in ((6, 2), (12, 3), (4, 1)):
+        grid = cls.default_grid(num_layers, num_labels)
+        templates = cls.calibration_templates(num_layers, num_labels)
+        if num_labels == 1 and not cls.supports_regression:
+            assert grid == [] and templates == []
+            continue
+        assert grid and templates, (name, num_layers, num_labels)
+        for policy in grid + templates:
+            assert type(policy) is cls
+            knob = policy.knob(num_layers, num_labels)
+            assert knob is not None and hasattr(policy, knob.field) and knob.faster_when in ("higher", "lower")
+            assert knob.low < knob.high or knob.integer and knob.low <= knob.high
+            assert math.isfinite(knob.high)
