@@ -24,8 +24,10 @@ Conventions shared by all policies (the README has the table):
 
 * Layers are 1-indexed; ``L`` is the number of layers. A row that reaches layer ``L`` exits there, with the answer
   the policy gives at ``L`` (the exit layer's own head, except for a PCEE ensemble).
-* Entropy is in nats and computed from ``log_softmax`` in float32, so fp16 logits or huge logits cannot overflow
-  and probabilities that underflow to 0 contribute 0, never NaN. "Normalised entropy" is ``H / ln C``.
+* Decisions are computed in float64 from the logits as they are (float32, fp16 or bf16 values are exact in
+  float64), so that they follow each rule as written rather than the rounding of float32 probabilities near 0 or 1.
+  Entropy is in nats and computed from ``log_softmax``, so huge or infinite logits cannot overflow and probabilities
+  that underflow to 0 contribute 0, never NaN. "Normalised entropy" is ``H / ln C``.
 * Policies that have no meaning for regression (``num_labels == 1``) refuse it in :meth:`ExitPolicy.validate`
   instead of silently exiting at layer 1.
 """
@@ -52,25 +54,40 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------------------------
 
 
-_LOGIT_BOUND = 1e30  # far beyond any real logit, yet differences of two bounded logits stay finite in float32
+_LOGIT_BOUND = 1e30  # far beyond any real logit, yet differences of two bounded logits stay finite
 
 
 def _finite_float(logits: torch.Tensor) -> torch.Tensor:
-    """float32 logits with ±inf (fp16 overflow) clamped, so softmax gives 1/0 instead of inf − inf = NaN."""
-    return logits.float().clamp(-_LOGIT_BOUND, _LOGIT_BOUND)
+    """float64 logits with ±inf (fp16 overflow) clamped, so softmax gives 1/0 instead of inf − inf = NaN."""
+    return logits.double().clamp(-_LOGIT_BOUND, _LOGIT_BOUND)
+
+
+def _shifted_exp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z, e, s): z = x − max x (so e = exp z <= 1 never overflows), e, and s = Σ e summed class by class in order."""
+    x = _finite_float(logits)
+    z = x - x.amax(dim=-1, keepdim=True)
+    e = z.exp()
+    total = e[..., 0]
+    for column in range(1, e.shape[-1]):  # a fixed order of additions (see RowOps, which adds in the same order)
+        total = total + e[..., column]
+    return z, e, total
 
 
 def softmax(logits: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(_finite_float(logits), dim=-1)
+    _, e, total = _shifted_exp(logits)
+    return e / total[..., None]
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy in nats of softmax(logits) over the last dimension, overflow- and NaN-safe (float32 result)."""
-    log_probs = torch.log_softmax(_finite_float(logits), dim=-1)
-    probs = log_probs.exp()
-    # where p == 0 (log p may be -inf for -inf logits), p·log p is 0 by continuity
-    plogp = torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs))
-    return -plogp.sum(dim=-1)
+    """Entropy in nats of softmax(logits) over the last dimension, overflow- and NaN-safe (float64 result).
+
+    H = log s − Σ e·z / s with z = x − max x, e = exp z, s = Σ e: exact for a uniform row (z = 0: H = log C), and
+    a class whose probability underflows to 0 adds 0·z = 0, never 0·log 0 = NaN."""
+    z, e, total = _shifted_exp(logits)
+    weighted = e[..., 0] * z[..., 0]
+    for column in range(1, e.shape[-1]):
+        weighted = weighted + e[..., column] * z[..., column]
+    return total.log() - weighted / total
 
 
 def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -80,8 +97,8 @@ def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def max_prob(logits: torch.Tensor) -> torch.Tensor:
-    """Max softmax probability; a +inf logit (fp16 overflow) gives 1, not NaN."""
-    return softmax(logits).amax(dim=-1)
+    """Max softmax probability, 1 / Σ exp(x − max x); a +inf logit (fp16 overflow) gives 1, not NaN."""
+    return 1.0 / _shifted_exp(logits)[2]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -198,6 +215,7 @@ class ExitPolicy:
     title: ClassVar[str] = ""  # for tables and plots, e.g. "PABEE (patience)"
     supports_regression: ClassVar[bool] = False
     flags: ClassVar[tuple[PolicyFlag, ...]] = ()
+    label_omits: ClassVar[dict[str, object]] = {}  # fields left out of the label at these (default) values
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -241,7 +259,9 @@ class ExitPolicy:
 
     def label(self) -> str:
         """Compact, stable text for tables and file names, e.g. ``pabee(patience=3)``."""
-        args = ",".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self) if getattr(self, f.name) is not None)
+        shown = [(f.name, getattr(self, f.name)) for f in fields(self)]
+        args = ",".join(f"{name}={value}" for name, value in shown
+                        if value is not None and not (name in self.label_omits and value == self.label_omits[name]))
         return f"{self.name}({args})"
 
     def replace(self, **changes: object) -> ExitPolicy:
@@ -370,12 +390,13 @@ class PatienceExit(ExitPolicy):
         return {"counter": counter, "previous_class": torch.full((batch_size,), -1)}
 
     def step(self, state: State, logits: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, State]:
-        logits = logits.float()
         if logits.shape[-1] == 1:
             if layer == 1:
                 agrees = torch.zeros(logits.shape[0], dtype=torch.bool)
             else:
-                agrees = (logits[:, 0] - state["previous"][:, 0]).abs() < (self.regression_threshold or 0.0)
+                # in float64, where the difference of two float32 predictions is exact
+                difference = (logits[:, 0].double() - state["previous"][:, 0].double()).abs()
+                agrees = difference < (self.regression_threshold or 0.0)
             new_state = {"previous": logits}
         else:
             current_class = logits.argmax(dim=-1)
@@ -417,7 +438,8 @@ class EntropyExit(ExitPolicy):
     )
 
     def _validate_params(self) -> None:
-        _check_float("entropy threshold", self.threshold)
+        # a negative threshold never exits: DeeBERT's own default, --early_exit_entropy -1
+        _check_float("entropy threshold", self.threshold, low=-math.inf)
 
     def step(self, state: State, logits: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, State]:
         return entropy(logits) < self.threshold, logits, state
@@ -460,25 +482,45 @@ class MaxProbExit(ExitPolicy):
         return [cls(threshold=round(float(1.0 - f * (1.0 - floor)), 4)) for f in _FRACTIONS[:-1]]
 
 
+PCEE_ENSEMBLES = ("none", "pcee", "all", "streak")
+
+
 @dataclass(frozen=True)
 class PCEEExit(ExitPolicy):
-    """PCEE-BERT (patient and confident). A counter goes up at every *confident* layer and resets at an unconfident
-    one; the row exits when the counter reaches ``patience``, so the earliest exit is layer ``patience`` (one earlier
-    than PABEE). Confidence is normalised entropy < ``tau`` (PCEE) or, if ``maxprob`` is given instead, max softmax
-    >= ``maxprob`` (PCEE-v1). ``patience = 0`` runs the full model. With ``ensemble`` the answer is the mean of the
-    probabilities over the confident streak (PCEE's ablation); otherwise the exit layer's own head answers."""
+    """PCEE-BERT (patient and confident), as ``BertModelWithPabeeV1.forward`` in michael-wzhu/PCEE-BERT
+    (pabee/modeling_pabee_bert.py; its ``--ee_mechanism V1``). A counter goes up at every *confident* layer and resets
+    at an unconfident one; the row exits when the counter reaches ``patience``, so the earliest exit is layer
+    ``patience`` (one earlier than PABEE). Confidence is normalised entropy < ``tau`` (PCEE) or, if ``maxprob`` is
+    given instead, max softmax >= ``maxprob`` (our variant: max-prob confidence, not in PCEE's code).
+    ``patience = 0`` runs the full model and answers with the last layer (PCEE's code does not ensemble then).
+
+    ``ensemble`` chooses the answer:
+
+    * ``none``: the exit layer's own head (PCEE's ``--do_ensemble 0``);
+    * ``pcee``: PCEE's ``--do_ensemble 1``: the mean of the probabilities in its list ``all_prev_logits_close``, which
+      restarts with the current layer's probabilities whenever the counter is 0 (an unconfident layer) and grows by
+      one per confident layer. So at an exit it holds the confident streak *and* the unconfident layer before it (the
+      streak alone if it began at layer 1), and a row reaching layer L without exiting averages what the list holds;
+    * ``all``: PCEE's ``--do_ensemble 2``: the mean of every layer's probabilities so far;
+    * ``streak``: the mean over the confident streak only, answering with the last layer's head at L (our own
+      variant; no published counterpart)."""
 
     patience: int = 1
     tau: float | None = None
     maxprob: float | None = None
-    ensemble: bool = False
+    ensemble: str = "none"
     name: ClassVar[str] = "pcee"
     title: ClassVar[str] = "PCEE-BERT (patience + confidence)"
+    label_omits: ClassVar[dict[str, object]] = {"ensemble": "none"}
     flags: ClassVar[tuple[PolicyFlag, ...]] = (
         PolicyFlag("--pcee_patience", "patience", int, "PCEE patience list"),
         PolicyFlag("--pcee_tau", "tau", float, "PCEE normalised-entropy thresholds τ (list)"),
-        PolicyFlag("--pcee_maxprob", "maxprob", float, "PCEE-v1 max-probability thresholds (list)"),
-        PolicyFlag("--pcee_ensemble", "ensemble", bool, "PCEE: answer with the streak's mean probs"),
+        PolicyFlag("--pcee_maxprob", "maxprob", float,
+                   "PCEE with max-probability confidence instead of τ (our variant), thresholds (list)"),
+        PolicyFlag("--pcee_ensemble", "ensemble", str,
+                   "PCEE's answer: none (the exit layer's head, default), pcee (PCEE's --do_ensemble 1; the flag "
+                   "alone), all (--do_ensemble 2), streak (mean over the confident streak only)",
+                   sweep=False, const="pcee", choices=PCEE_ENSEMBLES),
     )
 
     def _validate_params(self) -> None:
@@ -489,6 +531,8 @@ class PCEEExit(ExitPolicy):
             _check_float("pcee tau", self.tau, 0.0, 1.0)
         if self.maxprob is not None:
             _check_float("pcee maxprob", self.maxprob, 0.0, 1.0)
+        if self.ensemble not in PCEE_ENSEMBLES:
+            raise UserInputError(f"pcee ensemble must be one of {', '.join(PCEE_ENSEMBLES)}, got {self.ensemble!r}")
 
     def validate(self, num_labels: int, num_layers: int) -> None:
         if num_labels == 1:
@@ -498,13 +542,11 @@ class PCEEExit(ExitPolicy):
     def earliest_exit(self) -> int:
         return max(self.patience, 1)
 
-    def label(self) -> str:
-        return super().label() if self.ensemble else super().label().replace(",ensemble=False", "")
-
     def init_state(self, batch_size: int, num_labels: int) -> State:
         state = {"counter": torch.zeros(batch_size, dtype=torch.long)}
-        if self.ensemble:  # the streak's summed probabilities only matter to the ensemble answer
-            state["streak_probs"] = torch.zeros(batch_size, num_labels)
+        if self.ensemble != "none":  # the summed probabilities of the ensemble's members, and how many there are
+            state["member_probs"] = torch.zeros(batch_size, num_labels, dtype=torch.float64)
+            state["members"] = torch.zeros(batch_size, dtype=torch.long)
         return state
 
     def step(self, state: State, logits: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, State]:
@@ -514,13 +556,22 @@ class PCEEExit(ExitPolicy):
             confident = max_prob(logits) >= self.maxprob
         counter = torch.where(confident, state["counter"] + 1, 0)
         exits = (counter == self.patience) if self.patience > 0 else torch.zeros_like(confident)
-        if not self.ensemble:
-            return exits, logits, {"counter": counter}
-        streak_probs = torch.where(confident[:, None], state["streak_probs"] + softmax(logits), 0.0)
-        mean_probs = streak_probs / counter.clamp(min=1)[:, None]
+        if self.ensemble == "none" or self.patience == 0:
+            return exits, logits, {**state, "counter": counter}
+        probs = softmax(logits)
+        if self.ensemble == "pcee":  # the list restarts with this layer's probabilities at an unconfident layer
+            member_probs = torch.where(confident[:, None], state["member_probs"] + probs, probs)
+            members = torch.where(confident, state["members"] + 1, 1)
+        elif self.ensemble == "all":
+            member_probs, members = state["member_probs"] + probs, state["members"] + 1
+        else:  # streak: the confident layers only
+            member_probs = torch.where(confident[:, None], state["member_probs"] + probs, 0.0)
+            members = counter
         # log of the mean probability keeps argmax and softmax of the answer equal to the ensemble's
-        answer = torch.where(exits[:, None], mean_probs.clamp(min=1e-30).log(), logits.float())
-        return exits, answer, {"counter": counter, "streak_probs": streak_probs}
+        answer = (member_probs / members.clamp(min=1)[:, None]).clamp(min=1e-30).log().float()
+        if self.ensemble == "streak":
+            answer = torch.where(exits[:, None], answer, logits.float())
+        return exits, answer, {"counter": counter, "member_probs": member_probs, "members": members}
 
     @classmethod
     def from_flag_values(cls, values: dict[str, list]) -> list[ExitPolicy]:
@@ -530,13 +581,13 @@ class PCEEExit(ExitPolicy):
             raise UserInputError("PCEE needs --pcee_patience together with --pcee_tau or --pcee_maxprob")
         if patiences and not (taus or maxprobs):
             raise UserInputError("--pcee_patience needs --pcee_tau (normalised entropy) or --pcee_maxprob")
-        ensemble = bool(values.get("ensemble"))
+        ensemble = (values.get("ensemble") or ["none"])[0]
         confidences = [{"tau": t} for t in taus or []] + [{"maxprob": m} for m in maxprobs or []]
         return [cls.from_flags_checked(patience=p, ensemble=ensemble, **confidence)
                 for p in patiences or [] for confidence in confidences]
 
     def knob(self, num_layers: int, num_labels: int) -> Knob:
-        if self.maxprob is not None:  # PCEE-v1: confident when max-prob >= knob
+        if self.maxprob is not None:  # confident when max-prob >= knob
             return Knob("maxprob", 0.0, 1.0, faster_when="lower")
         return Knob("tau", 0.0, 1.0, faster_when="higher")
 
@@ -557,31 +608,49 @@ ELBERT_CRITERIA = ("monotonic", "range", "same")
 
 @dataclass(frozen=True)
 class ELBERTExit(ExitPolicy):
-    """ELBERT. Stage 1 exits when the normalised entropy is below ``delta``. Otherwise, from layer ``window`` on,
-    stage 2 looks at the last ``window`` layers (i−N+1..i) with c = the argmax at layer i, and exits if:
+    """ELBERT, as ``ExitLayer.lower_than_thres`` in shakeley/ELBERT (test_ver/modeling_albert.py).
 
-    * ``monotonic``: p_c rises strictly across the window;
-    * ``range``: max − min of the max-probability over the window is below ``range_threshold``;
-    * ``same``: the argmax is the same at every layer of the window.
+    Stage 1 exits when the normalised entropy is below ``delta`` (its ``exit_thres``). Otherwise, from layer
+    ``window`` on (its ``cnt_thres`` N), stage 2 looks at the window of the last N layers, i−N+1..i. The class c is
+    fixed at the window *start* (its argmax there), and a layer of the window is on c's side when p_c > 0.5 +
+    ``margin``. The row exits if:
 
-    Works for any number of classes (ELBERT's code only tracked class 0 of the first sample)."""
+    * ``same`` (its ``bias_1``): every layer of the window is on c's side;
+    * ``monotonic`` (``bias_2``): the window start is on c's side and p_c never falls across the window (ties pass);
+    * ``range`` (``bias_3``): every layer is on c's side and max − min of p_c over the window <= ``range_threshold``
+      (its ``range_tmp``).
+
+    For two classes this is the code's rule: it follows x = p(class 0) of the first sample, with the side set by
+    x at the window start (> 0.5 + margin: class 0, x must not fall; < 0.5 − margin: class 1, x must not rise).
+    For more classes it is our generalisation in the same spirit: p_c > 0.5 + margin means c holds most of the
+    probability, so the c fixed at the start is still the prediction at every layer the rule accepts. Each row
+    decides on its own (the code followed sample 0 of the batch). p_c is compared through the probability of the
+    other classes, 1 − p_c, summed without cancellation, so that a confident window is judged on the numbers the
+    code sees for class 1 (for class 0 the code's float32 p0 rounds to 1.0 beyond a logit gap of ~17, where ties
+    then pass: the README lists this difference)."""
 
     delta: float = 0.0
     window: int = 2
     criterion: str = "monotonic"
     range_threshold: float | None = None
+    margin: float = 0.0
     name: ClassVar[str] = "elbert"
     title: ClassVar[str] = "ELBERT (entropy + window)"
+    label_omits: ClassVar[dict[str, object]] = {"margin": 0.0}
     flags: ClassVar[tuple[PolicyFlag, ...]] = (
         PolicyFlag("--elbert_delta", "delta", float, "ELBERT stage-1 normalised-entropy thresholds δ"),
         PolicyFlag("--elbert_window", "window", int, "ELBERT window sizes N (list)", default="2"),
-        PolicyFlag("--elbert_criterion", "criterion", str, "monotonic, range or same (list)", default="monotonic"),
-        PolicyFlag("--elbert_range", "range_threshold", float, "ELBERT 'range' criterion threshold"),
+        PolicyFlag("--elbert_criterion", "criterion", str,
+                   "monotonic (ELBERT's bias_2), range (bias_3) or same (bias_1); list", default="monotonic"),
+        PolicyFlag("--elbert_range", "range_threshold", float, "ELBERT 'range' criterion threshold (range_tmp)"),
+        PolicyFlag("--elbert_margin", "margin", float,
+                   "ELBERT margin m: a window layer counts for class c when p_c > 0.5 + m (list)", default="0"),
     )
 
     def _validate_params(self) -> None:
         _check_float("elbert delta", self.delta, 0.0, 1.0)
-        _check_int("elbert window", self.window, 2)
+        _check_int("elbert window", self.window, 1)
+        _check_float("elbert margin", self.margin, 0.0, 0.5)
         if self.criterion not in ELBERT_CRITERIA:
             choices = ", ".join(ELBERT_CRITERIA)
             raise UserInputError(f"elbert criterion must be one of {choices}, got {self.criterion!r}")
@@ -591,33 +660,37 @@ class ELBERTExit(ExitPolicy):
             _check_float("elbert range threshold", self.range_threshold, 0.0, 1.0)
 
     def init_state(self, batch_size: int, num_labels: int) -> State:
-        return {"window_probs": torch.full((batch_size, self.window, num_labels), math.nan)}
+        return {"window_probs": torch.full((batch_size, self.window, num_labels), math.nan, dtype=torch.float64)}
 
     def step(self, state: State, logits: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, State]:
         probs = softmax(logits)
         window_probs = torch.cat([state["window_probs"][:, 1:], probs[:, None]], dim=1)
         exits = normalized_entropy(logits) < self.delta
         if layer >= self.window:
-            current_class = probs.argmax(dim=-1)
-            if self.criterion == "monotonic":
-                p_c = window_probs.gather(2, current_class[:, None, None].expand(-1, self.window, 1))[..., 0]
-                window_ok = (p_c[:, 1:] > p_c[:, :-1]).all(dim=1)
-            elif self.criterion == "range":
-                top = window_probs.amax(dim=2)
-                window_ok = (top.amax(dim=1) - top.amin(dim=1)) < self.range_threshold
+            start_class = window_probs[:, 0].argmax(dim=-1)
+            is_start_class = torch.nn.functional.one_hot(start_class, probs.shape[-1]).bool()[:, None, :]
+            others = window_probs.masked_fill(is_start_class, 0.0).sum(dim=-1)  # 1 − p_c per window layer, [b, N]
+            on_side = others < 0.5 - self.margin  # p_c > 0.5 + margin
+            if self.criterion == "same":
+                window_ok = on_side.all(dim=1)
+            elif self.criterion == "monotonic":
+                window_ok = on_side[:, 0] & (others[:, 1:] <= others[:, :-1]).all(dim=1)
             else:
-                window_ok = (window_probs.argmax(dim=2) == current_class[:, None]).all(dim=1)
+                spread = others.amax(dim=1) - others.amin(dim=1)
+                window_ok = on_side.all(dim=1) & (spread <= self.range_threshold)
             exits = exits | window_ok
         return exits, logits, {"window_probs": window_probs}
 
     @classmethod
     def from_flag_values(cls, values: dict[str, list]) -> list[ExitPolicy]:
-        # the range threshold belongs to the 'range' criterion only: δ × N × (criterion, its range thresholds)
+        # the range threshold belongs to the 'range' criterion only: δ × N × margin × (criterion, its thresholds)
         ranges = values.get("range_threshold") or [None]
         return [
-            cls.from_flags_checked(delta=delta, window=window, criterion=criterion, range_threshold=range_threshold)
+            cls.from_flags_checked(delta=delta, window=window, criterion=criterion, range_threshold=range_threshold,
+                                   margin=margin)
             for delta in values.get("delta") or []
             for window in values.get("window") or []
+            for margin in values.get("margin") or [0.0]
             for criterion in values.get("criterion") or []
             for range_threshold in (ranges if criterion == "range" else [None])
         ]
@@ -690,9 +763,7 @@ class ExitTracker:
             self.answer = torch.empty(self.active.numel(), logits.shape[-1])
         exits, answer, self.state = self.policy.step(self.state, logits, layer)
         running = self.active.numel()
-        if layer >= self.num_layers:  # the last layer answers for everyone still running
-            if answer is not logits:
-                answer = torch.where(exits[:, None], answer, logits)
+        if layer >= self.num_layers:  # everyone still running exits at the last layer, with the policy's answer there
             num_exits = running
         else:
             num_exits = int(exits.sum())

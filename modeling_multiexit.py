@@ -15,8 +15,9 @@ training, all-layer evaluation, batch-size-1 early exit and batched early exit a
 Exit settings are config attributes (saved with ``save_pretrained``):
 
 * ``exit_head_type``: ``shared_pooler`` (PABEE/PCEE: a Linear per layer on the model's pooled [CLS]),
-  ``pooler`` (DeeBERT off-ramp: a pooler + Linear per layer), ``classification_head`` (RoBERTa's head shape,
-  dense-tanh-dense on <s>, per layer);
+  ``pooler`` (DeeBERT off-ramp: a pooler + Linear per layer, each pooler starting as a copy of the pretrained one),
+  ``classification_head`` (RoBERTa's head shape, dense-tanh-dense on <s>, per layer), ``shared_exit`` (ELBERT: ONE
+  exit, the model's pooler + a Linear, shared by every layer);
 * ``exit_loss_weighting``: ``weighted`` (Σ i·Lᵢ / Σ i, default), ``uniform`` (mean of Lᵢ), ``learned``
   (ELBERT: Σ wᵢLᵢ with wᵢ = σ(tᵢ) for i < L, w_L = L − Σ_{i<L} wᵢ), ``final`` (last exit only);
 * ``exit_learned_weight_init``: the initial tᵢ of ``learned`` (ELBERT: 4.0);
@@ -41,7 +42,8 @@ from transformers.utils import ModelOutput
 from exit_policies import ExitPolicy, ExitTracker
 from multiexit_errors import UserInputError
 
-EXIT_HEAD_TYPES = ("shared_pooler", "pooler", "classification_head")
+EXIT_HEAD_TYPES = ("shared_pooler", "pooler", "classification_head", "shared_exit")
+POOLED_HEAD_TYPES = ("shared_pooler", "shared_exit")  # heads that read the model's own pretrained pooler
 EXIT_POOLINGS = ("cls", "mean")
 DEFAULT_EXIT_POOLING = "cls"  # also what checkpoints saved before the setting existed were trained with
 LOSS_WEIGHTINGS = ("weighted", "uniform", "learned", "final")
@@ -152,6 +154,7 @@ EXIT_HEAD_CLASSES: dict[str, type[nn.Module]] = {
     "shared_pooler": LinearExitHead,
     "pooler": PoolerExitHead,
     "classification_head": ClassificationHeadExit,
+    "shared_exit": LinearExitHead,  # one module for every layer (see MultiExitMixin.exit_head)
 }
 
 
@@ -242,13 +245,42 @@ class MultiExitMixin:
         set_exit_settings(self.config, **exit_settings)
         configure_exits(self.config, self.default_exit_head_type)
         head_class = EXIT_HEAD_CLASSES[self.config.exit_head_type]
-        self.exits = nn.ModuleList([head_class(self.config, dropout) for _ in range(self.num_exit_layers)])
+        # ELBERT's config ``num_exit_layers: 1``: one exit serves every layer; otherwise one exit per layer
+        num_heads = 1 if self.config.exit_head_type == "shared_exit" else self.num_exit_layers
+        self.exits = nn.ModuleList([head_class(self.config, dropout) for _ in range(num_heads)])
         self.exit_loss_weights = (
             ExitLossWeights(self.num_exit_layers, self.config.exit_learned_weight_init)
             if self.config.exit_loss_weighting == "learned"
             else None
         )
         self.set_training_stage("joint")
+
+    @classmethod
+    def from_pretrained(cls, *args: object, **kwargs: object):  # noqa: ANN206 - the model, or (model, loading info)
+        """HF's ``from_pretrained``; then, as DeeBERT's ``init_highway_pooler`` (castorini/DeeBERT,
+        transformers/modeling_highway_bert.py, called by examples/run_highway_glue.py after loading), every ``pooler``
+        exit that the checkpoint did not have starts as a copy of the pretrained pooler instead of at random."""
+        want_info = bool(kwargs.pop("output_loading_info", False))
+        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        model._copy_pretrained_pooler_into_new_exits(set(loading_info["missing_keys"]))
+        return (model, loading_info) if want_info else model
+
+    def _pretrained_pooler(self) -> nn.Linear | None:
+        """The backbone's pretrained pooler dense layer (None for models without one, e.g. RoBERTa here)."""
+        return None
+
+    @torch.no_grad()
+    def _copy_pretrained_pooler_into_new_exits(self, missing_keys: set[str]) -> None:
+        pooler = self._pretrained_pooler()
+        if self.config.exit_head_type != "pooler" or pooler is None:
+            return
+        if any(key.endswith(("pooler.dense.weight", "pooler.weight")) and not key.startswith("exits.")
+               for key in missing_keys):
+            return  # the checkpoint has no trained pooler either: nothing better than the random start
+        for depth, head in enumerate(self.exits):
+            if f"exits.{depth}.pooler.weight" in missing_keys:
+                head.pooler.weight.copy_(pooler.weight)
+                head.pooler.bias.copy_(pooler.bias)
 
     @property
     def num_exit_layers(self) -> int:
@@ -266,11 +298,17 @@ class MultiExitMixin:
         graph through the layers); only the off-ramps 1..L−1 train, on the sum of their losses."""
         if stage not in TRAINING_STAGES:
             raise UserInputError(f"training stage must be one of {', '.join(TRAINING_STAGES)}, got {stage!r}")
+        if stage.startswith("deebert") and len(self.exits) == 1:
+            raise UserInputError("DeeBERT's two stages train the final exit, then the others with it frozen: that "
+                                 "needs an exit per layer, not exit_head_type 'shared_exit'")
         self.training_stage = stage
         self._backbone().requires_grad_(stage != "deebert_stage2")
         # an exit with loss weight 0 in this stage must not move at all: with requires_grad=False it is left out of
         # the optimizer, so not even weight decay touches it (zero gradients alone would not stop AdamW's decay)
-        for head, trains in zip(self.exits, self._exits_trained_in_stage()):
+        trained = self._exits_trained_in_stage()
+        if len(self.exits) == 1:  # one shared exit trains if any layer's loss counts
+            trained = [any(trained)]
+        for head, trains in zip(self.exits, trained):
             head.requires_grad_(trains)
         self.train(self.training)  # re-apply the dropout rule below
 
@@ -314,11 +352,15 @@ class MultiExitMixin:
         weights = token_mask.to(hidden_states.dtype).unsqueeze(-1)
         return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
+    def exit_head(self, depth: int) -> nn.Module:
+        """The exit after 0-indexed layer ``depth`` (the same module for every layer with ``shared_exit``)."""
+        return self.exits[depth if len(self.exits) > 1 else 0]
+
     def _exit_logits(self, depth: int, hidden_states: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
         summary = self._token_summary(hidden_states, token_mask)
-        if self.config.exit_head_type == "shared_pooler":
-            return self.exits[depth](self._pool(summary))
-        return self.exits[depth](summary)
+        if self.config.exit_head_type in POOLED_HEAD_TYPES:
+            return self.exit_head(depth)(self._pool(summary))
+        return self.exit_head(depth)(summary)
 
     def _exit_loop(
         self,

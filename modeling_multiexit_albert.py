@@ -43,3 +43,6 @@ class MultiExitAlbertForSequenceClassification(MultiExitMixin, AlbertPreTrainedM
 
     def _pool(self, summary: torch.Tensor) -> torch.Tensor:
         return self.albert.pooler_activation(self.albert.pooler(summary))
+
+    def _pretrained_pooler(self) -> nn.Linear:
+        return self.albert.pooler

@@ -9,6 +9,7 @@ the losses live in :mod:`modeling_multiexit`; its defaults for embeddings and la
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers import BertConfig, BertModel, BertPreTrainedModel, RobertaConfig, RobertaModel, RobertaPreTrainedModel
 
 from modeling_multiexit import MultiExitMixin
@@ -32,6 +33,9 @@ class MultiExitBertForSequenceClassification(MultiExitMixin, BertPreTrainedModel
 
     def _pool(self, summary: torch.Tensor) -> torch.Tensor:
         return self.bert.pooler.activation(self.bert.pooler.dense(summary))
+
+    def _pretrained_pooler(self) -> nn.Linear:
+        return self.bert.pooler.dense
 
 
 class MultiExitRobertaForSequenceClassification(MultiExitMixin, RobertaPreTrainedModel):

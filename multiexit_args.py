@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--exit_loss", default=None, choices=LOSS_WEIGHTINGS,
                        help="weighted = Σ i·L_i/Σ i (PABEE, default), uniform = mean, learned = ELBERT, "
                        "final = last exit only (single-exit fine-tuning)")
+    train.add_argument("--exit_weight_learning_rate", type=float, default=1e-2,
+                       help="--exit_loss learned: constant learning rate of ELBERT's loss weights (its w_lr), in their "
+                            "own optimizer group without weight decay or schedule")
     train.add_argument("--deebert_two_stage", "--train_highway", dest="deebert_two_stage", action="store_true",
                        help="DeeBERT: stage 1 trains backbone + final exit, stage 2 the off-ramps, backbone frozen")
     train.add_argument("--stage2_learning_rate", type=float, default=None, help="stage-2 LR (default: same)")
@@ -99,9 +102,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             help="also replay a default grid of every policy (for the score-vs-speed-up plot)")
     evaluation.add_argument("--eval_each_highway", action="store_true", help="DeeBERT: score every layer alone")
     evaluation.add_argument("--eval_highway", action="store_true", help="accepted for DeeBERT's scripts")
-    evaluation.add_argument("--eval_after_first_stage", action="store_true",
+    evaluation.add_argument("--eval_after_first_stage", action="store_true",  # DeeBERT's: implies two stages
                             help="DeeBERT two-stage: also evaluate the stage-1 model")
-    evaluation.add_argument("--plot_data_dir", default=None, help="where plots go (default: --output_dir)")
+    evaluation.add_argument("--plot_data_dir", default=None,
+                            help="DeeBERT's results folder: each_layer.npy and entropy_<t>.npy as DeeBERT wrote them "
+                                 "(with --do_train it selects DeeBERT's two-stage training, as DeeBERT's command "
+                                 "did); the score-vs-speed-up plot goes there too (default: --output_dir)")
     evaluation.add_argument("--online", action="store_true",
                             help="also run real early exit for the listed settings (batch size 1 = 'online', "
                             "larger = 'batched') and record wall-clock time")
@@ -119,6 +125,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def apply_seed_conventions(args: argparse.Namespace) -> None:
+    """The seeds' command lines mean what they meant: DeeBERT's training command (``--eval_after_first_stage``,
+    ``--plot_data_dir``, ...; run_highway_glue.py always trained its two stages) trains DeeBERT's two stages, with
+    DeeBERT's off-ramps (a pooler per layer) unless another exit head is named."""
+    deebert_flags = [flag for flag, given in (("--eval_after_first_stage", args.eval_after_first_stage),
+                                              ("--plot_data_dir", args.plot_data_dir is not None)) if given]
+    if args.do_train and deebert_flags and not args.deebert_two_stage:
+        logger.info("DeeBERT's training flags (%s): training DeeBERT's two stages", ", ".join(deebert_flags))
+        args.deebert_two_stage = True
+    if args.deebert_two_stage and args.exit_head_type is None:
+        args.exit_head_type = "pooler"
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Everything we can check before loading anything, so mistakes fail in a second with one clear line."""
     if args.model_type not in MODEL_CLASSES:
@@ -133,7 +152,8 @@ def check_args(args: argparse.Namespace) -> None:
                  "gradient_accumulation_steps", "timing_repeats"):
         if getattr(args, name) < 1:
             raise UserInputError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("learning_rate", "weight_decay", "adam_epsilon", "max_grad_norm", "warmup_ratio", "num_train_epochs"):
+    for name in ("learning_rate", "weight_decay", "adam_epsilon", "max_grad_norm", "warmup_ratio", "num_train_epochs",
+                 "exit_weight_learning_rate"):
         value = getattr(args, name)
         if not math.isfinite(value) or value < 0:
             raise UserInputError(f"--{name} must be a finite number >= 0, got {value}")

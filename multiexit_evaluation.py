@@ -9,7 +9,9 @@ order everywhere; only the main process writes (:class:`ResultWriter`).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -247,6 +249,8 @@ def evaluate_checkpoint(args, accelerator, task: TaskSpec, checkpoint: str, mode
         results.update({f"{metric}_{label}{suffix}": value for metric, value in record["metrics"].items()})
     if main_process:
         write_summary(args, task, writer.checkpoint_name, records, grid_scores, len(features), num_layers)
+        if args.plot_data_dir is not None and per_layer:
+            write_deebert_plot_data(args, task, per_layer, setting_records, num_layers)
         if has_labels and (grid_scores or len(replayed) > 1):
             plot_dir = args.plot_data_dir or args.output_dir
             os.makedirs(plot_dir, exist_ok=True)
@@ -317,6 +321,50 @@ def calibration_records(args, task: TaskSpec, layer_logits: torch.Tensor, labels
                                      "evaluated_on": "second half of the eval set"}}
             records.append(writer.record(result.held_out, "replay", labels=labels[half:], **extra))
     return records
+
+
+def deebert_result(task: TaskSpec, metrics: dict[str, float]) -> float:
+    """The one number DeeBERT's ``get_wanted_result`` reports: Spearman, else F1, else MCC, else accuracy."""
+    for key in ("spearmanr", "f1", "mcc", "acc"):
+        if key in metrics:
+            return metrics[key]
+    return metrics[task.main_metric]
+
+
+def write_deebert_plot_data(args: argparse.Namespace, task: TaskSpec, per_layer: list[PolicyScore],
+                            setting_records: list[dict], num_layers: int) -> None:
+    """What DeeBERT's run_highway_glue.py wrote under ``--plot_data_dir`` for its plotting scripts, in
+    ``<plot_data_dir>/<model_name_or_path>/`` (DeeBERT: ``args.plot_data_dir + '/' + args.model_name_or_path[2:]``):
+
+    * with ``--eval_each_highway``: ``each_layer.npy``, the result of every layer alone (float array [L]);
+    * for every DeeBERT entropy threshold t: ``entropy_<t>.npy``. DeeBERT saved a pickled object array
+      ``[exit_layer_counter, eval_time, expected_saving, result]`` (loadable only with ``allow_pickle``); here it is
+      a plain float array ``[eval_time, fraction_of_layers_used, result, exits at layer 1, ..., exits at layer L]``
+      (the "expected saving" DeeBERT printed was that fraction of layers used), with a JSON file of the same name
+      naming each entry. ``eval_time`` is the real early-exit wall time with ``--online``, NaN for a replay."""
+    model_name = os.path.normpath(args.model_name_or_path).lstrip(os.sep)
+    model_name = model_name if model_name not in (".", "") else "model"
+    folder = os.path.join(args.plot_data_dir, model_name)
+    os.makedirs(folder, exist_ok=True)
+    if args.eval_each_highway:
+        np.save(os.path.join(folder, "each_layer.npy"),
+                np.array([deebert_result(task, score.metrics) for score in per_layer], dtype=np.float64))
+    by_threshold: dict[float, dict] = {}
+    for record in setting_records:  # the online record, when there is one, replaces the replayed one
+        if record["policy"] == "deebert" and "calibration" not in record and record["metrics"]:
+            by_threshold[record["params"]["threshold"]] = record
+    for threshold, record in by_threshold.items():
+        with open(os.path.join(args.output_dir, record["per_example_file"]), encoding="utf-8") as stream:
+            layers = [int(line.split("\t")[1]) for line in stream.read().splitlines()[1:]]
+        counts = np.bincount(layers, minlength=num_layers + 1)[1:]
+        eval_time = record["wall_time_s"] if record.get("wall_time_s") is not None else math.nan
+        values = [eval_time, record["avg_exit_layer"] / num_layers, deebert_result(task, record["metrics"]),
+                  *counts.tolist()]
+        np.save(os.path.join(folder, f"entropy_{threshold}.npy"), np.array(values, dtype=np.float64))
+        names = ["eval_time_s", "fraction_of_layers_used", "result"] + [f"exits_at_layer_{k + 1}"
+                                                                          for k in range(num_layers)]
+        atomic_write_text(os.path.join(folder, f"entropy_{threshold}.json"),
+                          json.dumps(dict(zip(names, values)), indent=1) + "\n")
 
 
 def write_summary(args: argparse.Namespace, task: TaskSpec, checkpoint_name: str, records: list[dict],

@@ -102,7 +102,8 @@ def find_resume_folder(args: argparse.Namespace) -> str | None:
 # the continuation of the interrupted run
 RESUME_SENSITIVE_FLAGS = ("task_name", "data_dir", "max_train_samples", "max_seq_length", "num_hidden_layers", "seed",
                           "per_gpu_train_batch_size", "gradient_accumulation_steps", "deebert_two_stage", "exit_loss",
-                          "exit_head_type", "exit_pooling", "learning_rate", "stage2_learning_rate", "weight_decay")
+                          "exit_head_type", "exit_pooling", "learning_rate", "stage2_learning_rate", "weight_decay",
+                          "exit_weight_learning_rate")
 
 
 def warn_if_resume_differs(args: argparse.Namespace, accelerator, folder: str) -> None:  # noqa: ANN001
@@ -196,24 +197,54 @@ def unwrap(accelerator, model: torch.nn.Module) -> torch.nn.Module:  # noqa: ANN
 
 
 def make_optimizer(args, accelerator, model, plan: TrainingPlan, steps_per_stage: int) -> tuple:  # noqa: ANN001
-    """AdamW over the parameters this stage trains (no weight decay on biases and LayerNorm) and its linear
-    schedule with warm-up."""
-    from transformers import get_linear_schedule_with_warmup
+    """AdamW over the parameters this stage trains and its schedule.
 
+    * The model: no weight decay on biases and LayerNorm, linear decay after warm-up.
+    * ELBERT's learned loss weights (``--exit_loss learned``), as ELBERT's run_glue.py does
+      (``optimizer.add_param_group({'params': model.W, 'lr': model.w_lr})``, added after the scheduler was built):
+      their own group at a constant ``--exit_weight_learning_rate`` (ELBERT's ``w_lr``, 1e-2), no weight decay, no
+      schedule. At the model's rate (2e-5) they would hardly move from σ(4) ≈ 0.98."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    loss_weights = set(map(id, loss_weight_parameters(model)))
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in loss_weights]
     decayed = [p for n, p in trainable if not any(k in n for k in no_decay)]
     not_decayed = [p for n, p in trainable if any(k in n for k in no_decay)]
     groups = [{"params": decayed, "weight_decay": args.weight_decay}, {"params": not_decayed, "weight_decay": 0.0}]
+    learned = [p for p in loss_weight_parameters(model) if p.requires_grad]
+    if learned:
+        groups.append({"params": learned, "weight_decay": 0.0, "lr": args.exit_weight_learning_rate})
     # foreach: one fused update over all tensors; torch's CPU default loops per tensor (a third of a MiniLM step)
     optimizer = torch.optim.AdamW(groups, lr=plan.learning_rate, eps=args.adam_epsilon, foreach=True)
-    warmup = args.warmup_steps or int(args.warmup_ratio * steps_per_stage)
     # accelerate steps a prepared scheduler once per process per optimisation step: scale both lengths by the
     # number of processes so the learning rate at step k is the same as in a one-process run
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, warmup * accelerator.num_processes, steps_per_stage * accelerator.num_processes
-    )
+    warmup = (args.warmup_steps or int(args.warmup_ratio * steps_per_stage)) * accelerator.num_processes
+    total = steps_per_stage * accelerator.num_processes
+
+    def linear_with_warmup(step: int) -> float:  # transformers' get_linear_schedule_with_warmup
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    def constant(step: int) -> float:
+        return 1.0
+
+    scheduler = LambdaLR(optimizer, [linear_with_warmup, linear_with_warmup] + [constant] * (len(groups) - 2))
     return optimizer, scheduler
+
+
+def loss_weight_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """ELBERT's learned loss weights of ``model`` (wrapped or not), or [] for the other loss weightings."""
+    weights = getattr(getattr(model, "module", model), "exit_loss_weights", None)
+    return list(weights.parameters()) if weights is not None else []
+
+
+def clipped_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """What gradient clipping covers: the model, not ELBERT's loss weights (its ``W`` was a plain tensor outside
+    ``model.parameters()``, so its run_glue.py never clipped them)."""
+    loss_weights = set(map(id, loss_weight_parameters(model)))
+    return [p for p in model.parameters() if id(p) not in loss_weights]
 
 
 def restore_position(args, accelerator, prepared_model, optimizer, scheduler, folder: str,  # noqa: ANN001
@@ -266,7 +297,7 @@ def run_stage(args, accelerator, stage_index: int, plan: TrainingPlan, prepared_
                 output = prepared_model(**model_inputs(batch), labels=batch["labels"])
                 accelerator.backward(output.loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(prepared_model.parameters(), args.max_grad_norm)
+                    accelerator.clip_grad_norm_(clipped_parameters(prepared_model), args.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()

@@ -21,7 +21,7 @@ import sys
 import torch
 
 from glue_data import get_task
-from multiexit_args import check_args, parse_args, policies_from_args
+from multiexit_args import apply_seed_conventions, check_args, parse_args, policies_from_args
 from multiexit_errors import UserInputError
 from multiexit_evaluation import RESULTS_FILE, checkpoint_label, evaluate_checkpoint, per_layer_callback
 from multiexit_io import list_checkpoints
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     task = get_task(args.task_name)
     requested = policies_from_args(args)
     accelerator = make_accelerator(args)
+    apply_seed_conventions(args)  # after logging is set up: it says what it implies
     set_seed(args.seed)
     logger.info("task %s, model %s (%s), %d process(es) on %s", task.name, args.model_name_or_path,
                 args.model_type, accelerator.num_processes, accelerator.device)

@@ -156,7 +156,7 @@ def _policies(layer_logits: torch.Tensor) -> dict[str, list[ExitPolicy]]:
         "deebert": [EntropyExit(threshold=_between(h, 0.05, 0.3)), EntropyExit(threshold=_between(h, 0.3, 0.7))],
         "maxprob": [MaxProbExit(threshold=_between(mp, 0.7, 0.95)), MaxProbExit(threshold=_between(mp, 0.4, 0.7))],
         "pcee": [
-            PCEEExit(patience=2, tau=_between(nh, 0.4, 0.8), ensemble=True),
+            PCEEExit(patience=2, tau=_between(nh, 0.4, 0.8), ensemble="pcee"),
             PCEEExit(patience=1, maxprob=_between(mp, 0.5, 0.8)),
         ],
         "elbert": [

@@ -88,13 +88,12 @@ FLAG_CASES = {
     "non-numeric patience": (["--do_eval", "--patience", "two"], r"--patience: 'two' is not a valid int"),
     "pcee patience < 0": (["--do_eval", "--pcee_patience", "-2", "--pcee_tau", "0.3"], r"patience must be >= 0"),
     "entropy NaN": (["--do_eval", "--early_exit_entropy", "nan"], r"entropy threshold must be a number, got NaN"),
-    "entropy < 0": (["--do_eval", "--early_exit_entropy", "0.1,-0.2"], r"entropy threshold must be in \[0.0, inf\]"),
     "tau NaN": (["--do_eval", "--pcee_patience", "1", "--pcee_tau", "nan"], r"pcee tau must be a number, got NaN"),
     "tau < 0": (["--do_eval", "--pcee_patience", "1", "--pcee_tau", "-0.1"], r"pcee tau must be in \[0.0, 1.0\]"),
     "tau without patience": (["--do_eval", "--pcee_tau", "0.3"], r"PCEE needs --pcee_patience"),
     "delta > 1": (["--do_eval", "--elbert_delta", "1.5"], r"elbert delta must be in \[0.0, 1.0\], got 1.5"),
     "delta < 0": (["--do_eval", "--elbert_delta", "-0.5"], r"elbert delta must be in \[0.0, 1.0\], got -0.5"),
-    "window < 2": (["--do_eval", "--elbert_delta", "0.1", "--elbert_window", "1"], r"elbert window must be >= 2"),
+    "window < 1": (["--do_eval", "--elbert_delta", "0.1", "--elbert_window", "0"], r"elbert window must be >= 1"),
     "maxprob > 1": (["--do_eval", "--maxprob_threshold", "1.5"], r"max-prob threshold must be in \[0.0, 1.0\]"),
     "budget layer > L": (["--do_eval", "--budget_layer", "1,5"], r"budget\(layer=5\) can first exit at layer 5, "
                          r"but the model has only 2 layers"),
@@ -291,8 +290,8 @@ def test_fp16_logits_do_not_overflow_entropy() -> None:
         naive = -(naive_p * naive_p.log()).sum(-1)
     assert torch.isnan(naive).any()
     values = entropy(logits)
-    assert values.dtype == torch.float32 and torch.isfinite(values).all()
-    torch.testing.assert_close(values, torch.tensor([0.0, math.log(2), math.log(2), 0.0]))
+    assert values.dtype == torch.float64 and torch.isfinite(values).all()
+    torch.testing.assert_close(values, torch.tensor([0.0, math.log(2), math.log(2), 0.0], dtype=torch.float64))
     # through the replay of an entropy policy on fp16 cached logits [N, L, C]: confident rows exit at layer 1
     layer_logits = torch.stack([logits, torch.zeros(4, 2, dtype=torch.float16)], dim=1)
     result = replay(EntropyExit(threshold=0.1), layer_logits)

@@ -171,7 +171,7 @@ KNOB_TEMPLATES = [
     (EntropyExit(threshold=0.3), "threshold", +1),
     (MaxProbExit(threshold=0.9), "threshold", -1),
     (PCEEExit(patience=2, tau=0.5), "tau", +1),
-    (PCEEExit(patience=1, tau=0.5, ensemble=True), "tau", +1),
+    (PCEEExit(patience=1, tau=0.5, ensemble="pcee"), "tau", +1),
     (ELBERTExit(delta=0.5, window=3, criterion="same"), "delta", +1),
     (ELBERTExit(delta=0.5, window=2, criterion="monotonic"), "delta", +1),
 ]

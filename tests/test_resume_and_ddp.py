@@ -196,6 +196,10 @@ SCENARIOS = {
     "joint, killed mid-epoch": (["--per_gpu_train_batch_size", 4, "--max_steps", 9, "--save_steps", 3], 6, 2),
     # batch 4, accumulation 2: 3 steps per epoch; 4 steps per stage; checkpoint-3 ends epoch 1 of stage 1;
     # killed during the first step after it (stage 1, second epoch); the resumed run goes through stage 2 too
+    # ELBERT's learned loss weights have their own optimizer group (constant rate, no decay): resumed exactly too
+    "learned loss weights, killed mid-epoch": (
+        ["--per_gpu_train_batch_size", 4, "--max_steps", 6, "--save_steps", 3, "--exit_loss", "learned",
+         "--weight_decay", "0.01"], 3, 2),
     "deebert two-stage, grad accumulation, killed at an epoch boundary": (
         ["--per_gpu_train_batch_size", 4, "--gradient_accumulation_steps", 2, "--deebert_two_stage",
          "--max_steps", 4, "--save_steps", 3], 3, 1),

@@ -47,6 +47,45 @@ def make_tiny_model(folder: Path, *, dropout: float = 0.1, layers: int = 2, num_
     return folder
 
 
+def make_tiny_stock_model(folder: Path, model_type: str, *, layers: int = 2, positions: int = 130,
+                          seed: int = 0) -> Path:
+    """A tiny random stock ``AlbertForSequenceClassification`` / ``RobertaForSequenceClassification`` (with a pooler,
+    as the hub checkpoints the seeds start from) with the MiniLM tokenizer, standing in for albert-base-v2 and
+    roberta-base, which this offline machine cannot download. ``positions`` covers the seeds' 128 tokens."""
+    from transformers import (
+        AlbertConfig,
+        AlbertForSequenceClassification,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
+
+    tok = tokenizer()
+    sizes = {"vocab_size": len(tok), "hidden_size": 32, "num_hidden_layers": layers, "num_attention_heads": 2,
+             "intermediate_size": 37, "max_position_embeddings": positions, "num_labels": 2}
+    torch.manual_seed(seed)
+    if model_type == "albert":
+        model = AlbertForSequenceClassification(AlbertConfig(embedding_size=16, **sizes))
+    else:  # RoBERTa counts positions from pad_token_id + 1: the MiniLM tokenizer pads with id 0
+        model = RobertaForSequenceClassification(RobertaConfig(pad_token_id=tok.pad_token_id, **sizes))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def write_mrpc(folder: Path, train: int = 24, dev: int = 12, seed: int = 0) -> Path:
+    """A glue_data/MRPC-style folder (the official header, quality<TAB>id1<TAB>id2<TAB>s1<TAB>s2) of word salads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    header = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"
+    for split, count, split_seed in (("train", train, seed), ("dev", dev, seed + 1)):
+        rng = random.Random(split_seed)
+        lines = [header]
+        for i in range(count):
+            first, second = (" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) for _ in range(2))
+            lines.append(f"{i % 2}\t{2 * i}\t{2 * i + 1}\t{first}\t{second}")
+        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
 def sst2_rows(count: int, seed: int = 0, min_words: int = 3, max_words: int = 9) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))) + f"\t{i % 2}"
