@@ -37,6 +37,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
@@ -45,60 +46,320 @@ import torch
 
 from multiexit_errors import UserInputError
 
-State = dict[str, torch.Tensor]
+State = dict[str, object]  # per-row state: tensors with a first dimension of rows (TensorOps) or Python values
 logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Confidence measures
+# The two backends a rule runs on: rows of a batch as tensors, or one row as Python floats
 # --------------------------------------------------------------------------------------------------------------------
-
+#
+# Each rule (a policy's ``init_state`` and ``step``) is written once against the small vocabulary below and runs on
+# either backend: ``TensorOps`` for a batch of rows (replay, batched early exit) and ``RowOps`` for the one row of
+# batch size 1, in plain Python floats, so that a decision costs microseconds, not the tens of microseconds of a
+# dozen tiny tensor operations. Python's arithmetic and comparison operators (``+``, ``<``, ``==``, ``&``, ``|``,
+# ``abs``) work the same on both. Both backends compute in float64 with the same operations in the same order, and
+# with the same exp and log (Python's ``math``, element by element, also for tensors): so they give bit-identical
+# numbers and identical decisions, which the tests check on random logits.
 
 _LOGIT_BOUND = 1e30  # far beyond any real logit, yet differences of two bounded logits stay finite
 
 
-def _finite_float(logits: torch.Tensor) -> torch.Tensor:
-    """float64 logits with ±inf (fp16 overflow) clamped, so softmax gives 1/0 instead of inf − inf = NaN."""
-    return logits.double().clamp(-_LOGIT_BOUND, _LOGIT_BOUND)
+def _elementwise(function: Callable[[float], float], values: torch.Tensor) -> torch.Tensor:
+    """``function`` (math.exp or math.log) applied to every element, as RowOps applies it."""
+    flat = [function(value) for value in values.reshape(-1).tolist()]
+    return torch.tensor(flat, dtype=torch.float64).reshape(values.shape)
 
 
-def _shifted_exp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(z, e, s): z = x − max x (so e = exp z <= 1 never overflows), e, and s = Σ e summed class by class in order."""
-    x = _finite_float(logits)
-    z = x - x.amax(dim=-1, keepdim=True)
-    e = z.exp()
-    total = e[..., 0]
-    for column in range(1, e.shape[-1]):  # a fixed order of additions (see RowOps, which adds in the same order)
-        total = total + e[..., column]
-    return z, e, total
+def _ordered_sum(columns: torch.Tensor) -> torch.Tensor:
+    """Σ over the last dimension, class by class in order (RowOps adds in the same order)."""
+    total = columns[..., 0]
+    for column in range(1, columns.shape[-1]):
+        total = total + columns[..., column]
+    return total
 
 
+class TensorOps:
+    """Rows of a batch as CPU tensors: logits [b, C], per-row values [b], class rows [b, C], windows [b, N, C]."""
+
+    @staticmethod
+    def _shifted_exp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z, e, s): z = x − max x with ±inf clamped (so e = exp z <= 1 never overflows), e, and s = Σ e."""
+        x = logits.double().clamp(-_LOGIT_BOUND, _LOGIT_BOUND)
+        z = x - x.amax(dim=-1, keepdim=True)
+        e = _elementwise(math.exp, z)
+        return z, e, _ordered_sum(e)
+
+    @staticmethod
+    def probs(logits: torch.Tensor) -> torch.Tensor:
+        _, e, total = TensorOps._shifted_exp(logits)
+        return e / total[..., None]
+
+    @staticmethod
+    def entropy(logits: torch.Tensor) -> torch.Tensor:
+        z, e, total = TensorOps._shifted_exp(logits)
+        return _elementwise(math.log, total) - _ordered_sum(e * z) / total
+
+    @staticmethod
+    def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
+        return TensorOps.entropy(logits) / math.log(logits.shape[-1])
+
+    @staticmethod
+    def max_prob(logits: torch.Tensor) -> torch.Tensor:
+        return 1.0 / TensorOps._shifted_exp(logits)[2]
+
+    @staticmethod
+    def argmax(rows: torch.Tensor) -> torch.Tensor:
+        return rows.argmax(dim=-1)
+
+    @staticmethod
+    def value(logits: torch.Tensor) -> torch.Tensor:
+        """The prediction of a regression head (one output)."""
+        return logits[:, 0].double()
+
+    @staticmethod
+    def take(rows: torch.Tensor, column: int) -> torch.Tensor:
+        return rows[:, column]
+
+    @staticmethod
+    def where(condition: torch.Tensor, yes: object, no: object) -> torch.Tensor:
+        return torch.where(condition, yes, no)
+
+    @staticmethod
+    def where_rows(condition: torch.Tensor, yes: torch.Tensor, no: torch.Tensor) -> torch.Tensor:
+        return torch.where(condition[:, None], yes, no)
+
+    @staticmethod
+    def constant(logits: torch.Tensor, flag: bool) -> torch.Tensor:
+        return torch.full((logits.shape[0],), flag, dtype=torch.bool)
+
+    @staticmethod
+    def counters(batch_size: int, value: int = 0) -> torch.Tensor:
+        return torch.full((batch_size,), value, dtype=torch.long)
+
+    @staticmethod
+    def values(batch_size: int, value: float) -> torch.Tensor:
+        return torch.full((batch_size,), value, dtype=torch.float64)
+
+    @staticmethod
+    def zero_rows(batch_size: int, width: int) -> torch.Tensor:
+        return torch.zeros(batch_size, width, dtype=torch.float64)
+
+    @staticmethod
+    def zeros_like(rows: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(rows)
+
+    @staticmethod
+    def add_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+    @staticmethod
+    def log_mean_rows(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """log(total / count) per row, floored at log(1e-30): the log keeps argmax and softmax of the mean."""
+        return _elementwise(math.log, (total / count.clamp(min=1)[:, None]).clamp(min=1e-30))
+
+    @staticmethod
+    def empty_window(batch_size: int, size: int, width: int) -> torch.Tensor:
+        return torch.full((batch_size, size, width), math.nan, dtype=torch.float64)
+
+    @staticmethod
+    def push(window: torch.Tensor, rows: torch.Tensor, size: int) -> torch.Tensor:
+        """The window (of ``size`` entries) with ``rows`` appended and its oldest entry dropped."""
+        return torch.cat([window[:, 1:], rows[:, None]], dim=1)
+
+    @staticmethod
+    def first(sequence: torch.Tensor) -> torch.Tensor:
+        return sequence[:, 0]
+
+    @staticmethod
+    def others(window: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
+        """1 − p_c at every window entry, as the sum of the other classes' probabilities (no cancellation)."""
+        is_column = torch.nn.functional.one_hot(column, window.shape[-1]).bool()[:, None, :]
+        return _ordered_sum(window.masked_fill(is_column, 0.0))
+
+    @staticmethod
+    def all_below(sequence: torch.Tensor, bound: float) -> torch.Tensor:
+        return (sequence < bound).all(dim=1)
+
+    @staticmethod
+    def nonincreasing(sequence: torch.Tensor) -> torch.Tensor:
+        return (sequence[:, 1:] <= sequence[:, :-1]).all(dim=1)
+
+    @staticmethod
+    def spread(sequence: torch.Tensor) -> torch.Tensor:
+        return sequence.amax(dim=1) - sequence.amin(dim=1)
+
+
+class RowOps:
+    """The one row of batch size 1 as Python floats: logits and class rows are lists, values are floats.
+
+    Written for speed (a decision must cost a few microseconds): list comprehensions, no tensors, and the shifted
+    exponentials of the last logits row cached, since a rule often asks for several measures of one row."""
+
+    _last_logits: object = None
+    _last_shifted: tuple[list[float], list[float], float] | None = None
+
+    @staticmethod
+    def _shifted_exp(logits: list[float]) -> tuple[list[float], list[float], float]:
+        if logits is RowOps._last_logits:
+            return RowOps._last_shifted
+        top = max(logits)
+        if not (-_LOGIT_BOUND < top < _LOGIT_BOUND and min(logits) > -_LOGIT_BOUND):  # ±inf (fp16 overflow), NaN
+            logits_ = [min(max(value, -_LOGIT_BOUND), _LOGIT_BOUND) for value in logits]
+            top = max(logits_)
+        else:
+            logits_ = logits
+        z = [value - top for value in logits_]
+        e = [_exp(value) for value in z]
+        total = e[0]
+        for value in e[1:]:  # in order, as TensorOps adds (not sum(): it compensates from Python 3.12 on)
+            total += value
+        RowOps._last_logits, RowOps._last_shifted = logits, (z, e, total)
+        return z, e, total
+
+    @staticmethod
+    def probs(logits: list[float]) -> list[float]:
+        _, e, total = RowOps._shifted_exp(logits)
+        return [value / total for value in e]
+
+    @staticmethod
+    def entropy(logits: list[float]) -> float:
+        z, e, total = RowOps._shifted_exp(logits)
+        weighted = e[0] * z[0]
+        for index in range(1, len(e)):
+            weighted += e[index] * z[index]
+        return _log(total) - weighted / total
+
+    @staticmethod
+    def normalized_entropy(logits: list[float]) -> float:
+        return RowOps.entropy(logits) / _log(len(logits))
+
+    @staticmethod
+    def max_prob(logits: list[float]) -> float:
+        return 1.0 / RowOps._shifted_exp(logits)[2]
+
+    @staticmethod
+    def argmax(row: list[float]) -> int:
+        best, best_value = 0, row[0]  # the first of equal maxima, as torch.argmax
+        for index in range(1, len(row)):
+            if row[index] > best_value:
+                best, best_value = index, row[index]
+        return best
+
+    @staticmethod
+    def value(logits: list[float]) -> float:
+        return logits[0]
+
+    @staticmethod
+    def take(row: list[float], column: int) -> float:
+        return row[column]
+
+    @staticmethod
+    def where(condition: bool, yes: object, no: object) -> object:
+        return yes if condition else no
+
+    where_rows = where
+
+    @staticmethod
+    def constant(logits: list[float], flag: bool) -> bool:
+        return flag
+
+    @staticmethod
+    def counters(batch_size: int, value: int = 0) -> int:
+        return value
+
+    @staticmethod
+    def values(batch_size: int, value: float) -> float:
+        return value
+
+    @staticmethod
+    def zero_rows(batch_size: int, width: int) -> list[float]:
+        return [0.0] * width
+
+    @staticmethod
+    def zeros_like(row: list[float]) -> list[float]:
+        return [0.0] * len(row)
+
+    @staticmethod
+    def add_rows(a: list[float], b: list[float]) -> list[float]:
+        return [x + y for x, y in zip(a, b)]
+
+    @staticmethod
+    def log_mean_rows(total: list[float], count: int) -> list[float]:
+        count = max(count, 1)
+        return [_log(max(value / count, 1e-30)) for value in total]
+
+    @staticmethod
+    def empty_window(batch_size: int, size: int, width: int) -> tuple:
+        return ()
+
+    @staticmethod
+    def push(window: tuple, row: list[float], size: int) -> tuple:
+        return (*window, row)[-size:]
+
+    @staticmethod
+    def first(sequence: Sequence) -> object:
+        return sequence[0]
+
+    @staticmethod
+    def others(window: Sequence[list[float]], column: int) -> list[float]:
+        result = []
+        for row in window:
+            total = 0.0
+            for index, value in enumerate(row):
+                if index != column:
+                    total += value
+                else:
+                    total += 0.0  # as TensorOps adds the masked-out class's 0
+            result.append(total)
+        return result
+
+    @staticmethod
+    def all_below(sequence: list[float], bound: float) -> bool:
+        for value in sequence:
+            if not value < bound:
+                return False
+        return True
+
+    @staticmethod
+    def nonincreasing(sequence: list[float]) -> bool:
+        for index in range(1, len(sequence)):
+            if not sequence[index] <= sequence[index - 1]:
+                return False
+        return True
+
+    @staticmethod
+    def spread(sequence: list[float]) -> float:
+        return max(sequence) - min(sequence)
+
+
+_exp, _log = math.exp, math.log
+
+
+Ops = type[TensorOps] | type[RowOps]
+
+
+# the public confidence measures, on tensors of logits [..., C] (float64 results)
 def softmax(logits: torch.Tensor) -> torch.Tensor:
-    _, e, total = _shifted_exp(logits)
-    return e / total[..., None]
+    return TensorOps.probs(logits)
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy in nats of softmax(logits) over the last dimension, overflow- and NaN-safe (float64 result).
+    """Entropy in nats of softmax(logits) over the last dimension, overflow- and NaN-safe.
 
     H = log s − Σ e·z / s with z = x − max x, e = exp z, s = Σ e: exact for a uniform row (z = 0: H = log C), and
     a class whose probability underflows to 0 adds 0·z = 0, never 0·log 0 = NaN."""
-    z, e, total = _shifted_exp(logits)
-    weighted = e[..., 0] * z[..., 0]
-    for column in range(1, e.shape[-1]):
-        weighted = weighted + e[..., column] * z[..., column]
-    return total.log() - weighted / total
+    return TensorOps.entropy(logits)
 
 
 def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy divided by ln C, in [0, 1]: comparable across tasks with different numbers of classes."""
-    num_classes = logits.shape[-1]
-    return entropy(logits) / math.log(num_classes)
+    return TensorOps.normalized_entropy(logits)
 
 
 def max_prob(logits: torch.Tensor) -> torch.Tensor:
     """Max softmax probability, 1 / Σ exp(x − max x); a +inf logit (fp16 overflow) gives 1, not NaN."""
-    return 1.0 / _shifted_exp(logits)[2]
+    return TensorOps.max_prob(logits)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -202,6 +463,8 @@ _FRACTIONS = np.linspace(0.0, 1.0, 21)[1:]
 _SPREAD = np.linspace(0.05, 0.95, 10)
 
 
+_WARNED_NEVER_EARLY: set[tuple[object, int]] = set()
+
 POLICIES: dict[str, type[ExitPolicy]] = {}
 """Every policy class by name, in definition order; a subclass with a ``name`` registers itself."""
 
@@ -244,8 +507,9 @@ class ExitPolicy:
 
     def _warn_if_never_early(self, num_layers: int) -> None:
         """Patience policies: a patience too long for the model is legal (PABEE's own sweep runs patience 3..8 on
-        any depth) and simply means full depth, so it warns instead of failing."""
-        if self.earliest_exit() > num_layers:
+        any depth) and simply means full depth, so it warns (once per setting and depth) instead of failing."""
+        if self.earliest_exit() > num_layers and (self, num_layers) not in _WARNED_NEVER_EARLY:
+            _WARNED_NEVER_EARLY.add((self, num_layers))
             logger.warning("%s can first exit at layer %d but the model has %d layers: every example runs to the "
                            "last layer", self.label(), self.earliest_exit(), num_layers)
 
@@ -269,12 +533,13 @@ class ExitPolicy:
         return type(self)(**{**self.params(), **changes})
 
     # ---- the rule ----------------------------------------------------------------------------------------------------
-    def init_state(self, batch_size: int, num_labels: int) -> State:
+    def init_state(self, ops: Ops, batch_size: int, num_labels: int) -> State:
         return {}
 
-    def step(self, state: State, logits: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, State]:
-        """Decide for each row after ``layer`` (1-indexed). Returns (exits [b] bool, answer [b, C], new state);
-        ``answer`` is what each row answers if it exits now (at the last layer every row does)."""
+    def step(self, ops: Ops, state: State, logits: object, layer: int) -> tuple[object, object, State]:
+        """Decide for each row after ``layer`` (1-indexed), on the backend ``ops`` (TensorOps: logits [b, C];
+        RowOps: one row of floats). Returns (exits, answer, new state): whether each row exits now, what it answers
+        if it does (at the last layer every row does), and the state for the next layer."""
         raise NotImplementedError
 
     # ---- flags, calibration, grids -----------------------------------------------------------------------------------
@@ -334,9 +599,8 @@ class BudgetExit(ExitPolicy):
     def earliest_exit(self) -> int:
         return self.layer
 
-    def step(self, state: State, logits: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, State]:
-        exits = torch.full((logits.shape[0],), layer >= self.layer, dtype=torch.bool)
-        return exits, logits, state
+    def step(self, ops: Ops, state: State, logits: object, layer: int) -> tuple[object, object, State]:
+        return ops.constant(logits, layer >= self.layer), logits, state
 
     def knob(self, num_layers: int, num_labels: int) -> Knob:
         return Knob("layer", 1, num_layers, faster_when="lower", integer=True)
@@ -381,32 +645,24 @@ class PatienceExit(ExitPolicy):
     def earliest_exit(self) -> int:
         return self.patience + 1 if self.patience > 0 else 1
 
-    def init_state(self, batch_size: int, num_labels: int) -> State:
-        # classification compares argmaxes, so only the previous layer's argmax is kept (computed once per layer);
-        # regression compares values, so the previous prediction is kept
-        counter = torch.zeros(batch_size, dtype=torch.long)
+    def init_state(self, ops: Ops, batch_size: int, num_labels: int) -> State:
+        # classification compares argmaxes (the previous one is kept), regression compares values; the start values
+        # (class -1, NaN) agree with nothing, so the counter starts at layer 2
         if num_labels == 1:
-            return {"counter": counter, "previous": torch.full((batch_size, 1), math.nan)}
-        return {"counter": counter, "previous_class": torch.full((batch_size,), -1)}
+            return {"counter": ops.counters(batch_size), "previous": ops.values(batch_size, math.nan)}
+        return {"counter": ops.counters(batch_size), "previous_class": ops.counters(batch_size, -1)}
 
-    def step(self, state: State, logits: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, State]:
-        if logits.shape[-1] == 1:
-            if layer == 1:
-                agrees = torch.zeros(logits.shape[0], dtype=torch.bool)
-            else:
-                # in float64, where the difference of two float32 predictions is exact
-                difference = (logits[:, 0].double() - state["previous"][:, 0].double()).abs()
-                agrees = difference < (self.regression_threshold or 0.0)
-            new_state = {"previous": logits}
+    def step(self, ops: Ops, state: State, logits: object, layer: int) -> tuple[object, object, State]:
+        if "previous" in state:  # regression, in float64, where the difference of two float32 predictions is exact
+            current = ops.value(logits)
+            agrees = abs(current - state["previous"]) < (self.regression_threshold or 0.0)
+            new_state = {"previous": current}
         else:
-            current_class = logits.argmax(dim=-1)
-            if layer == 1:
-                agrees = torch.zeros(logits.shape[0], dtype=torch.bool)
-            else:
-                agrees = current_class == state["previous_class"]
-            new_state = {"previous_class": current_class}
-        counter = torch.where(agrees, state["counter"] + 1, 0)
-        exits = (counter == self.patience) if self.patience > 0 else torch.zeros_like(agrees)
+            current = ops.argmax(logits)
+            agrees = current == state["previous_class"]
+            new_state = {"previous_class": current}
+        counter = ops.where(agrees, state["counter"] + 1, 0)
+        exits = (counter == self.patience) if self.patience > 0 else ops.constant(logits, False)
         return exits, logits, {"counter": counter, **new_state}
 
     def knob(self, num_layers: int, num_labels: int) -> Knob:
@@ -441,8 +697,8 @@ class EntropyExit(ExitPolicy):
         # a negative threshold never exits: DeeBERT's own default, --early_exit_entropy -1
         _check_float("entropy threshold", self.threshold, low=-math.inf)
 
-    def step(self, state: State, logits: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, State]:
-        return entropy(logits) < self.threshold, logits, state
+    def step(self, ops: Ops, state: State, logits: object, layer: int) -> tuple[object, object, State]:
+        return ops.entropy(logits) < self.threshold, logits, state
 
     def knob(self, num_layers: int, num_labels: int) -> Knob:
         return Knob("threshold", 0.0, math.log(num_labels) + 1e-6, faster_when="higher")  # entropy <= ln C
@@ -468,8 +724,8 @@ class MaxProbExit(ExitPolicy):
     def _validate_params(self) -> None:
         _check_float("max-prob threshold", self.threshold, 0.0, 1.0)
 
-    def step(self, state: State, logits: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, State]:
-        return max_prob(logits) >= self.threshold, logits, state
+    def step(self, ops: Ops, state: State, logits: object, layer: int) -> tuple[object, object, State]:
+        return ops.max_prob(logits) >= self.threshold, logits, state
 
     def knob(self, num_layers: int, num_labels: int) -> Knob:
         return Knob("threshold", 0.0, 1.0, faster_when="lower")
@@ -542,35 +798,34 @@ class PCEEExit(ExitPolicy):
     def earliest_exit(self) -> int:
         return max(self.patience, 1)
 
-    def init_state(self, batch_size: int, num_labels: int) -> State:
-        state = {"counter": torch.zeros(batch_size, dtype=torch.long)}
+    def init_state(self, ops: Ops, batch_size: int, num_labels: int) -> State:
+        state = {"counter": ops.counters(batch_size)}
         if self.ensemble != "none":  # the summed probabilities of the ensemble's members, and how many there are
-            state["member_probs"] = torch.zeros(batch_size, num_labels, dtype=torch.float64)
-            state["members"] = torch.zeros(batch_size, dtype=torch.long)
+            state["member_probs"] = ops.zero_rows(batch_size, num_labels)
+            state["members"] = ops.counters(batch_size)
         return state
 
-    def step(self, state: State, logits: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, State]:
+    def step(self, ops: Ops, state: State, logits: object, layer: int) -> tuple[object, object, State]:
         if self.tau is not None:
-            confident = normalized_entropy(logits) < self.tau
+            confident = ops.normalized_entropy(logits) < self.tau
         else:
-            confident = max_prob(logits) >= self.maxprob
-        counter = torch.where(confident, state["counter"] + 1, 0)
-        exits = (counter == self.patience) if self.patience > 0 else torch.zeros_like(confident)
+            confident = ops.max_prob(logits) >= self.maxprob
+        counter = ops.where(confident, state["counter"] + 1, 0)
+        exits = (counter == self.patience) if self.patience > 0 else ops.constant(logits, False)
         if self.ensemble == "none" or self.patience == 0:
             return exits, logits, {**state, "counter": counter}
-        probs = softmax(logits)
+        probs = ops.probs(logits)
         if self.ensemble == "pcee":  # the list restarts with this layer's probabilities at an unconfident layer
-            member_probs = torch.where(confident[:, None], state["member_probs"] + probs, probs)
-            members = torch.where(confident, state["members"] + 1, 1)
+            member_probs = ops.where_rows(confident, ops.add_rows(state["member_probs"], probs), probs)
+            members = ops.where(confident, state["members"] + 1, 1)
         elif self.ensemble == "all":
-            member_probs, members = state["member_probs"] + probs, state["members"] + 1
+            member_probs, members = ops.add_rows(state["member_probs"], probs), state["members"] + 1
         else:  # streak: the confident layers only
-            member_probs = torch.where(confident[:, None], state["member_probs"] + probs, 0.0)
+            member_probs = ops.where_rows(confident, ops.add_rows(state["member_probs"], probs), ops.zeros_like(probs))
             members = counter
-        # log of the mean probability keeps argmax and softmax of the answer equal to the ensemble's
-        answer = (member_probs / members.clamp(min=1)[:, None]).clamp(min=1e-30).log().float()
+        answer = ops.log_mean_rows(member_probs, members)
         if self.ensemble == "streak":
-            answer = torch.where(exits[:, None], answer, logits.float())
+            answer = ops.where_rows(exits, answer, logits)
         return exits, answer, {"counter": counter, "member_probs": member_probs, "members": members}
 
     @classmethod
@@ -659,27 +914,24 @@ class ELBERTExit(ExitPolicy):
                 raise UserInputError("elbert criterion 'range' needs a range threshold (--elbert_range)")
             _check_float("elbert range threshold", self.range_threshold, 0.0, 1.0)
 
-    def init_state(self, batch_size: int, num_labels: int) -> State:
-        return {"window_probs": torch.full((batch_size, self.window, num_labels), math.nan, dtype=torch.float64)}
+    def init_state(self, ops: Ops, batch_size: int, num_labels: int) -> State:
+        return {"window": ops.empty_window(batch_size, self.window, num_labels)}
 
-    def step(self, state: State, logits: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, State]:
-        probs = softmax(logits)
-        window_probs = torch.cat([state["window_probs"][:, 1:], probs[:, None]], dim=1)
-        exits = normalized_entropy(logits) < self.delta
+    def step(self, ops: Ops, state: State, logits: object, layer: int) -> tuple[object, object, State]:
+        window = ops.push(state["window"], ops.probs(logits), self.window)
+        exits = ops.normalized_entropy(logits) < self.delta
         if layer >= self.window:
-            start_class = window_probs[:, 0].argmax(dim=-1)
-            is_start_class = torch.nn.functional.one_hot(start_class, probs.shape[-1]).bool()[:, None, :]
-            others = window_probs.masked_fill(is_start_class, 0.0).sum(dim=-1)  # 1 − p_c per window layer, [b, N]
-            on_side = others < 0.5 - self.margin  # p_c > 0.5 + margin
+            start_class = ops.argmax(ops.first(window))
+            others = ops.others(window, start_class)  # 1 − p_c at each window layer
+            bound = 0.5 - self.margin  # on c's side: p_c > 0.5 + margin, i.e. 1 − p_c < 0.5 − margin
             if self.criterion == "same":
-                window_ok = on_side.all(dim=1)
+                window_ok = ops.all_below(others, bound)
             elif self.criterion == "monotonic":
-                window_ok = on_side[:, 0] & (others[:, 1:] <= others[:, :-1]).all(dim=1)
+                window_ok = (ops.first(others) < bound) & ops.nonincreasing(others)
             else:
-                spread = others.amax(dim=1) - others.amin(dim=1)
-                window_ok = on_side.all(dim=1) & (spread <= self.range_threshold)
+                window_ok = ops.all_below(others, bound) & (ops.spread(others) <= self.range_threshold)
             exits = exits | window_ok
-        return exits, logits, {"window_probs": window_probs}
+        return exits, logits, {"window": window}
 
     @classmethod
     def from_flag_values(cls, values: dict[str, list]) -> list[ExitPolicy]:
@@ -737,31 +989,39 @@ class ExitTracker:
     Call :meth:`update` once per layer with the logits of the rows still running (in the order of ``active``). It
     returns the bool mask of rows that keep running, or ``None`` when no row exited (so the caller skips the
     compaction). When :attr:`done`, :attr:`exit_layer` (1-indexed, per original row) and :attr:`answer` hold the
-    results. Decisions run on CPU in float32: the one device-to-host copy per layer is the exit decision itself.
+    results.
+
+    The decision runs on the host: the logits are read from the device once per layer, which is the one
+    device-to-host transfer (and the one synchronisation) per layer of early exit. A batch of one row is decided on
+    Python floats (:class:`RowOps`): one ``tolist()`` and a few microseconds of arithmetic. A larger batch is decided
+    on CPU tensors (:class:`TensorOps`), row by row in effect. Both run the policy's one rule, with the same numbers.
     """
 
     def __init__(self, policy: ExitPolicy, batch_size: int, num_layers: int) -> None:
         self.policy = policy
         self.num_layers = num_layers
+        self.one_row = batch_size == 1
         self.active = torch.arange(batch_size)
         self.exit_layer = torch.zeros(batch_size, dtype=torch.long)
         self.answer: torch.Tensor | None = None
         self.state: State | None = None
+        self._running = batch_size
 
     @property
     def done(self) -> bool:
-        return self.active.numel() == 0
+        return self._running == 0
 
     def update(self, logits: torch.Tensor, layer: int) -> torch.Tensor | None:
-        # This runs after every layer, so it is kept to few tensor operations (each costs microseconds on CPU, as
-        # much as a small layer's share at batch size 1): no copy when the logits already are CPU float32, one
-        # host read of the number of exits, and no compaction when nobody or everybody leaves.
-        if logits.requires_grad or logits.dtype != torch.float32 or not logits.is_cpu:
-            logits = logits.detach().float().cpu()
+        if self.one_row:
+            return self._update_one_row(logits, layer)
+        # This runs after every layer, so it is kept to few tensor operations: one copy to the host, one host read
+        # of the number of exits, and no compaction when nobody or everybody leaves.
+        if logits.requires_grad or not logits.is_cpu:
+            logits = logits.detach().cpu()
         if self.state is None:
-            self.state = self.policy.init_state(logits.shape[0], logits.shape[-1])
+            self.state = self.policy.init_state(TensorOps, logits.shape[0], logits.shape[-1])
             self.answer = torch.empty(self.active.numel(), logits.shape[-1])
-        exits, answer, self.state = self.policy.step(self.state, logits, layer)
+        exits, answer, self.state = self.policy.step(TensorOps, self.state, logits, layer)
         running = self.active.numel()
         if layer >= self.num_layers:  # everyone still running exits at the last layer, with the policy's answer there
             num_exits = running
@@ -769,11 +1029,12 @@ class ExitTracker:
             num_exits = int(exits.sum())
         if num_exits == 0:
             return None
-        if num_exits == running:  # everyone left (always so at batch size 1): nothing to compact
+        if num_exits == running:  # everyone left: nothing to compact
             self.exit_layer.index_fill_(0, self.active, layer)
             self.answer.index_copy_(0, self.active, answer.float())
             self.active = self.active[:0]
             self.state = {key: value[:0] for key, value in self.state.items()}
+            self._running = 0
             return torch.zeros(running, dtype=torch.bool)
         leaving = self.active[exits]
         self.exit_layer[leaving] = layer
@@ -781,7 +1042,30 @@ class ExitTracker:
         keep = ~exits
         self.active = self.active[keep]
         self.state = compact_state(self.state, keep)
+        self._running = self.active.numel()
         return keep
+
+    def _update_one_row(self, logits: torch.Tensor, layer: int) -> torch.Tensor | None:
+        row = read_row(logits)
+        if self.state is None:
+            self.state = self.policy.init_state(RowOps, 1, len(row))
+        exits, answer, self.state = self.policy.step(RowOps, self.state, row, layer)
+        if not (exits or layer >= self.num_layers):
+            return None
+        self.exit_layer[0] = layer
+        self.answer = torch.tensor([answer], dtype=torch.float32)
+        self.active = self.active[:0]
+        self._running = 0
+        return _NO_ROW_LEFT
+
+
+_NO_ROW_LEFT = torch.zeros(1, dtype=torch.bool)
+
+
+def read_row(logits: torch.Tensor) -> list[float]:
+    """The exit logits [1, C] of one layer as Python floats: at batch size 1, the one device-to-host transfer (and
+    the one synchronisation) of that layer."""
+    return logits.tolist()[0]
 
 
 @dataclass
@@ -794,7 +1078,7 @@ def replay(policy: ExitPolicy, layer_logits: torch.Tensor) -> ReplayResult:
     """Score ``policy`` offline from cached per-layer logits ``[N, L, C]`` with the same tracker as real early exit."""
     if layer_logits.dim() != 3:
         raise ValueError(f"layer_logits must be [N, L, C], got shape {tuple(layer_logits.shape)}")
-    layer_logits = torch.as_tensor(layer_logits).float().cpu()
+    layer_logits = torch.as_tensor(layer_logits).cpu()
     num_examples, num_layers, _ = layer_logits.shape
     tracker = ExitTracker(policy, num_examples, num_layers)
     for depth in range(num_layers):

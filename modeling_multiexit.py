@@ -98,6 +98,18 @@ class MultiExitOutput(ModelOutput):
 
 
 @dataclass
+class TokenWeights:
+    """Mean-pooling exits' token weights [b, T, 1] (1 for real tokens, 0 for padding) and their count [b, 1]: computed
+    once per input, not per layer."""
+
+    weights: torch.Tensor
+    count: torch.Tensor
+
+    def select(self, rows: torch.Tensor) -> TokenWeights:
+        return TokenWeights(self.weights.index_select(0, rows), self.count.index_select(0, rows))
+
+
+@dataclass
 class EarlyExitOutput(ModelOutput):
     """``logits`` [batch, num_labels] are each row's answer at its exit layer; ``exit_layers`` [batch] are 1-indexed."""
 
@@ -111,6 +123,12 @@ class EarlyExitOutput(ModelOutput):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _dropout(module: nn.Dropout, hidden: torch.Tensor) -> torch.Tensor:
+    """``module(hidden)``, skipped in eval mode, where it is the identity: a module call costs microseconds, which
+    batch-size-1 early exit pays at every layer."""
+    return module(hidden) if module.training else hidden
+
+
 class LinearExitHead(nn.Module):
     """PABEE/PCEE exit: dropout and a Linear on the pooled output of the model's one pretrained pooler."""
 
@@ -120,7 +138,7 @@ class LinearExitHead(nn.Module):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(pooled))
+        return self.classifier(_dropout(self.dropout, pooled))
 
 
 class PoolerExitHead(nn.Module):
@@ -133,7 +151,7 @@ class PoolerExitHead(nn.Module):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
 
     def forward(self, cls_hidden: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(torch.tanh(self.pooler(cls_hidden))))
+        return self.classifier(_dropout(self.dropout, torch.tanh(self.pooler(cls_hidden))))
 
 
 class ClassificationHeadExit(nn.Module):
@@ -146,7 +164,7 @@ class ClassificationHeadExit(nn.Module):
         self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
 
     def forward(self, cls_hidden: torch.Tensor) -> torch.Tensor:
-        hidden = self.dropout(torch.tanh(self.dense(self.dropout(cls_hidden))))
+        hidden = _dropout(self.dropout, torch.tanh(self.dense(_dropout(self.dropout, cls_hidden))))
         return self.out_proj(hidden)
 
 
@@ -343,24 +361,51 @@ class MultiExitMixin:
         return fixed_loss_weights(self.config.exit_loss_weighting, self.num_exit_layers)
 
     # ---- the loop ---------------------------------------------------------------------------------------------------
-    def _token_summary(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    def _prepare(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        token_type_ids: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, TokenWeights | None]:
+        """The input of layer 1, the attention mask every layer uses, and what mean-pooling exits weigh tokens by.
+
+        The mask is always materialised (never "no mask" for a batch without padding): deciding that would read the
+        mask on the host, a synchronisation per input that early exit at batch size 1 cannot afford, and it would give
+        a batch-size-1 pass other attention kernels than the padded batch it is compared with."""
+        hidden_states = self._embed(input_ids, token_type_ids, position_ids, inputs_embeds)
+        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask,
+                                         allow_is_bidirectional_skip=False)
+        token_weights = None
+        if self.config.exit_pooling == "mean" and attention_mask is not None and attention_mask.dim() == 2:
+            weights = attention_mask.to(hidden_states.dtype).unsqueeze(-1)  # [b, T, 1]
+            token_weights = TokenWeights(weights, weights.sum(dim=1).clamp(min=1.0))
+        return hidden_states, mask, token_weights
+
+    def _token_summary(self, hidden_states: torch.Tensor, token_weights: TokenWeights | None) -> torch.Tensor:
         """What an exit reads from a layer's [b, T, H] output: the first token, or the mean over real tokens."""
         if self.config.exit_pooling == "cls":
             return hidden_states[:, 0]
-        if token_mask is None:
+        if token_weights is None:
             return hidden_states.mean(dim=1)
-        weights = token_mask.to(hidden_states.dtype).unsqueeze(-1)
-        return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        return (hidden_states * token_weights.weights).sum(dim=1) / token_weights.count
 
     def exit_head(self, depth: int) -> nn.Module:
         """The exit after 0-indexed layer ``depth`` (the same module for every layer with ``shared_exit``)."""
         return self.exits[depth if len(self.exits) > 1 else 0]
 
-    def _exit_logits(self, depth: int, hidden_states: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
-        summary = self._token_summary(hidden_states, token_mask)
+    def _exit_logits(self, depth: int, hidden_states: torch.Tensor, token_weights: TokenWeights | None) -> torch.Tensor:
+        summary = self._token_summary(hidden_states, token_weights)
         if self.config.exit_head_type in POOLED_HEAD_TYPES:
             return self.exit_head(depth)(self._pool(summary))
         return self.exit_head(depth)(summary)
+
+    def _layer_step(self, depth: int, hidden_states: torch.Tensor, mask: torch.Tensor | None,
+                    token_weights: TokenWeights | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``depth`` (0-indexed) and its exit: the unit that the loop runs, and that a CUDA graph captures."""
+        hidden_states = self._layer_at(depth)(hidden_states, mask)
+        return hidden_states, self._exit_logits(depth, hidden_states, token_weights)
 
     def _exit_loop(
         self,
@@ -376,22 +421,21 @@ class MultiExitMixin:
 
         Without a ``tracker`` every layer runs on the whole batch and the per-layer logits (and hidden states, if
         asked) are returned. With one, the tracker decides after each layer which rows exit; those rows leave the
-        batch (hidden states and attention mask are compacted) and the loop stops when none is left."""
+        batch (hidden states and masks are compacted) and the loop stops when none is left."""
         # a frozen backbone (DeeBERT stage 2) runs without autograd; the exit heads keep the caller's grad mode
         backbone_grad = torch.is_grad_enabled() and not self.backbone_frozen
+        switch_grad = backbone_grad != torch.is_grad_enabled()  # no context manager per layer when nothing changes
         with torch.set_grad_enabled(backbone_grad):
-            hidden_states = self._embed(input_ids, token_type_ids, position_ids, inputs_embeds)
-            mask = create_bidirectional_mask(
-                config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
-            )
-        # the [b, T] padding mask, only for mean-pooling exits (kept in step with the rows that are still running)
-        mean_pooling = self.config.exit_pooling == "mean" and attention_mask is not None
-        token_mask = attention_mask if mean_pooling and attention_mask.dim() == 2 else None
+            hidden_states, mask, token_weights = self._prepare(
+                input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
         all_logits, all_hidden = [], [hidden_states] if output_hidden_states else []
         for depth in range(self.num_exit_layers):
-            with torch.set_grad_enabled(backbone_grad):
-                hidden_states = self._layer_at(depth)(hidden_states, mask)
-            logits = self._exit_logits(depth, hidden_states, token_mask)
+            if switch_grad:
+                with torch.set_grad_enabled(backbone_grad):
+                    hidden_states = self._layer_at(depth)(hidden_states, mask)
+                logits = self._exit_logits(depth, hidden_states, token_weights)
+            else:
+                hidden_states, logits = self._layer_step(depth, hidden_states, mask, token_weights)
             if tracker is None:
                 all_logits.append(logits)
                 if output_hidden_states:
@@ -406,7 +450,7 @@ class MultiExitMixin:
                 rows = keep.nonzero()[:, 0].to(hidden_states.device, non_blocking=True)
                 hidden_states = hidden_states.index_select(0, rows)
                 mask = mask.index_select(0, rows) if mask is not None else None
-                token_mask = token_mask.index_select(0, rows) if token_mask is not None else None
+                token_weights = token_weights.select(rows) if token_weights is not None else None
         return all_logits, all_hidden
 
     def forward(
@@ -442,6 +486,17 @@ class MultiExitMixin:
         )
         return output if return_dict is not False else output.to_tuple()
 
+    def exit_graphs(self, buckets: tuple[int, ...] | None = None, capture: bool | None = None):  # noqa: ANN201
+        """The model's :class:`exit_cuda_graphs.ExitGraphs` (made on first use, for the device the model is on)."""
+        from exit_cuda_graphs import DEFAULT_BUCKETS, ExitGraphs
+
+        device = next(self.parameters()).device
+        graphs = getattr(self, "_exit_graphs", None)
+        if graphs is None or graphs.device != device or buckets is not None or capture is not None:
+            graphs = ExitGraphs(self, buckets or DEFAULT_BUCKETS, capture)
+            object.__setattr__(self, "_exit_graphs", graphs)  # not a submodule: no state dict, no .to()
+        return graphs
+
     @torch.no_grad()
     def early_exit(
         self,
@@ -451,16 +506,21 @@ class MultiExitMixin:
         policy: ExitPolicy | None = None,
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        cuda_graphs: bool = False,
     ) -> EarlyExitOutput:
         """Real early exit: layers stop running for each row as soon as ``policy`` lets it exit.
 
         At batch size 1 this is the seeds' inference mode; for larger batches exited rows leave the batch, so each
-        row gets exactly the exit layer and answer it would get alone."""
+        row gets exactly the exit layer and answer it would get alone. ``cuda_graphs`` (batch size 1 on a GPU) replays
+        each layer and its exit from a CUDA graph captured per sequence-length bucket (:mod:`exit_cuda_graphs`)."""
         if policy is None:
             raise ValueError("early_exit needs an ExitPolicy")
         policy.validate(self.config.num_labels, self.num_exit_layers)
         reference = input_ids if input_ids is not None else inputs_embeds
         tracker = ExitTracker(policy, reference.shape[0], self.num_exit_layers)
-        self._exit_loop(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, tracker=tracker)
+        if cuda_graphs and reference.shape[0] == 1 and input_ids is not None and position_ids is None:
+            self.exit_graphs().run(input_ids, attention_mask, token_type_ids, tracker)
+        else:
+            self._exit_loop(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, tracker=tracker)
         device = reference.device
         return EarlyExitOutput(logits=tracker.answer.to(device), exit_layers=tracker.exit_layer.to(device))

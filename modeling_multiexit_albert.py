@@ -42,7 +42,7 @@ class MultiExitAlbertForSequenceClassification(MultiExitMixin, AlbertPreTrainedM
         return self.albert.encoder.albert_layer_groups[int(depth / layers_per_group)]
 
     def _pool(self, summary: torch.Tensor) -> torch.Tensor:
-        return self.albert.pooler_activation(self.albert.pooler(summary))
+        return torch.tanh(self.albert.pooler(summary))  # AlbertModel: pooler, then pooler_activation, Tanh
 
     def _pretrained_pooler(self) -> nn.Linear:
         return self.albert.pooler

@@ -32,7 +32,7 @@ class MultiExitBertForSequenceClassification(MultiExitMixin, BertPreTrainedModel
         self.post_init()
 
     def _pool(self, summary: torch.Tensor) -> torch.Tensor:
-        return self.bert.pooler.activation(self.bert.pooler.dense(summary))
+        return torch.tanh(self.bert.pooler.dense(summary))  # BertPooler: dense, then its activation, Tanh
 
     def _pretrained_pooler(self) -> nn.Linear:
         return self.bert.pooler.dense

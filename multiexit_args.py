@@ -113,6 +113,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "larger = 'batched') and record wall-clock time")
     evaluation.add_argument("--verify_online", action="store_true",
                             help="run real early exit and fail unless it matches the replay example by example")
+    evaluation.add_argument("--cuda_graphs", action="store_true",
+                            help="real early exit at batch size 1 on a GPU: replay each layer and its exit from a "
+                                 "CUDA graph (captured per sequence-length bucket)")
     evaluation.add_argument("--timing_repeats", type=int, default=3, help="timed passes per setting (median)")
     evaluation.add_argument("--timing_warmup", type=int, default=3, help="untimed warm-up batches")
     evaluation.add_argument("--calibrate_speedup", default=None,
@@ -146,6 +149,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserInputError("nothing to do: pass --do_train and/or --do_eval")
     if args.fp16 and args.bf16:
         raise UserInputError("choose one of --fp16 and --bf16")
+    if args.cuda_graphs and (args.no_cuda or not torch.cuda.is_available()):
+        raise UserInputError("--cuda_graphs needs a CUDA GPU (none is available); drop it")
     if args.fp16 and (args.no_cuda or not torch.cuda.is_available()):
         raise UserInputError("--fp16 needs a CUDA GPU (none is available); drop it, or use --bf16 on CPU")
     for name in ("max_seq_length", "per_gpu_train_batch_size", "per_gpu_eval_batch_size",

@@ -82,7 +82,7 @@ def run_online(args, accelerator, model, features, collator, policy: ExitPolicy,
     batches = [{key: value.to(accelerator.device) for key, value in model_inputs(b).items()} for b in batches]
     for batch in batches[: args.timing_warmup]:
         with _autocast(args, accelerator.device):
-            model.early_exit(**batch, policy=policy)
+            model.early_exit(**batch, policy=policy, cuda_graphs=args.cuda_graphs)
     pass_times = []
     for _ in range(args.timing_repeats):
         exit_layers, answers = [], []
@@ -90,7 +90,7 @@ def run_online(args, accelerator, model, features, collator, policy: ExitPolicy,
         start = time.perf_counter()
         for batch in batches:
             with _autocast(args, accelerator.device):
-                output = model.early_exit(**batch, policy=policy)
+                output = model.early_exit(**batch, policy=policy, cuda_graphs=args.cuda_graphs)
             exit_layers.append(output.exit_layers)
             answers.append(output.logits)
         _synchronize(accelerator.device)

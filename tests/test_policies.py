@@ -535,7 +535,11 @@ def test_validate_against_model_and_task() -> None:
 
 
 def test_patience_longer_than_the_model_warns_and_runs_full_depth(caplog) -> None:
-    """PABEE's own sweep (--patience 3,4,5,6,7,8) must keep working on a 6-layer model: too long = full depth."""
+    """PABEE's own sweep (--patience 3,4,5,6,7,8) must keep working on a 6-layer model: too long = full depth (the
+    warning comes once per setting and depth, not at every early_exit call)."""
+    import exit_policies
+
+    exit_policies._WARNED_NEVER_EARLY.clear()
     logits = torch.zeros(2, 6, 3)
     logits[..., 0] = 5.0  # every layer agrees and is confident
     for policy in (PatienceExit(patience=6), PCEEExit(patience=7, tau=0.5)):
@@ -762,17 +766,18 @@ def spec_reference(policy, row: torch.Tensor) -> tuple[int, torch.Tensor]:
     return num_layers, row[-1]
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(policy_and_logits())
 def test_online_equals_replay(case) -> None:
     policy, layer_logits = case
     replayed = replay(policy, layer_logits)
+    # batch size 1 decides on Python floats (RowOps), a batch on tensors (TensorOps): the same numbers, bit for bit
     online_layers, online_answers = online_one_by_one(policy, layer_logits)
     assert torch.equal(online_layers, replayed.exit_layer)
-    torch.testing.assert_close(online_answers, replayed.answer, rtol=1e-6, atol=1e-6)
+    assert torch.equal(online_answers, replayed.answer)
     batched_layers, batched_answers = batched_like_the_model(policy, layer_logits)
     assert torch.equal(batched_layers, replayed.exit_layer)
-    torch.testing.assert_close(batched_answers, replayed.answer, rtol=1e-6, atol=1e-6)
+    assert torch.equal(batched_answers, replayed.answer)
 
 
 @settings(max_examples=50, deadline=None)

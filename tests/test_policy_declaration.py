@@ -16,7 +16,7 @@ import torch
 from tiny_runs import make_tiny_model, read_records, run_main, write_sst2
 
 import multiexit_args
-from exit_policies import POLICIES, ExitPolicy, Knob, PolicyFlag, State, softmax
+from exit_policies import POLICIES, ExitPolicy, Knob, Ops, PolicyFlag, State
 from exit_replay import calibrate, curves_from_scores, plot_score_vs_speedup, sweep
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -37,8 +37,8 @@ def toy_policy() -> Iterator[type[ExitPolicy]]:
             PolicyFlag("--toy_threshold", "threshold", float, "toy class-0 probability thresholds (list)"),
         )
 
-        def step(self, state: State, logits: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, State]:
-            return softmax(logits)[:, 0] >= self.threshold, logits, state
+        def step(self, ops: Ops, state: State, logits: object, layer: int) -> tuple[object, object, State]:
+            return ops.take(ops.probs(logits), 0) >= self.threshold, logits, state
 
         def knob(self, num_layers: int, num_labels: int) -> Knob:
             return Knob("threshold", 0.0, 1.0, faster_when="lower")

@@ -1,0 +1,146 @@
+"""Batch-size-1 early exit replayed from CUDA graphs.
+
+On a GPU a layer at batch size 1 takes tens of microseconds, about what launching its dozens of kernels one by one
+costs: eager PyTorch is launch-bound there. A CUDA graph replays a captured sequence of kernels with one launch. Early
+exit cannot be one graph (whether layer i+1 runs depends on layer i's exit logits), so :class:`ExitGraphs` captures,
+per sequence-length bucket, one graph for the embeddings and masks and one per layer (the layer and its exit head:
+:meth:`MultiExitMixin._layer_step`, the same code the eager loop runs). Between two layers the host reads the exit
+logits (the one device-to-host transfer per layer) and :class:`exit_policies.ExitTracker` decides, exactly as in
+eager early exit.
+
+An input of length T runs in the smallest bucket B >= T, padded with padding tokens that the attention mask hides
+(and that mean-pooling exits ignore), so its real tokens see what they see unpadded. Padding changes the attention
+kernels' reduction lengths, so the logits can differ from the unpadded eager pass by float rounding; they are
+bit-identical to eager early exit on the same padded input (tested on a GPU).
+
+Without CUDA (``capture=False``) the same static-buffer code runs eagerly, so that its bucketing and padding are
+tested on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from exit_policies import ExitTracker
+
+DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512)
+
+
+@dataclass
+class _BucketGraphs:
+    """The static buffers and graphs of one sequence-length bucket."""
+
+    length: int
+    inputs: torch.Tensor  # [3, 1, B]: input_ids, attention_mask, token_type_ids, all long
+    embed_graph: torch.cuda.CUDAGraph | None = None
+    layer_graphs: list[torch.cuda.CUDAGraph] = field(default_factory=list)
+    hidden: list[torch.Tensor] = field(default_factory=list)  # hidden[d]: the input of layer d
+    logits: list[torch.Tensor] = field(default_factory=list)  # logits[d]: the exit logits after layer d
+    mask: torch.Tensor | None = None
+    token_weights: object = None
+
+
+class ExitGraphs:
+    """CUDA graphs of one model's layers for batch-size-1 early exit, captured per length bucket on first use."""
+
+    def __init__(self, model: torch.nn.Module, buckets: tuple[int, ...] = DEFAULT_BUCKETS,
+                 capture: bool | None = None) -> None:
+        positions = getattr(model.config, "max_position_embeddings", max(buckets))
+        if model.config.model_type == "roberta":  # RoBERTa counts positions from padding_idx + 1
+            positions -= model.config.pad_token_id + 1
+        self.buckets = sorted({min(b, positions) for b in buckets} | {positions})
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.capture = self.device.type == "cuda" if capture is None else capture
+        self.pad_token_id = getattr(model.config, "pad_token_id", None) or 0
+        self._graphs: dict[int, _BucketGraphs] = {}
+
+    def bucket_for(self, length: int) -> int:
+        for bucket in self.buckets:
+            if length <= bucket:
+                return bucket
+        raise ValueError(f"input of {length} tokens is longer than the model's {self.buckets[-1]} positions")
+
+    @torch.no_grad()
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, token_type_ids: torch.Tensor | None,
+            tracker: ExitTracker) -> None:
+        """Early exit of one input [1, T] with ``tracker`` deciding after each layer."""
+        length = input_ids.shape[1]
+        graphs = self._graphs.get(self.bucket_for(length)) or self._build(self.bucket_for(length))
+        self._load(graphs, input_ids, attention_mask, token_type_ids)
+        self._run_embed(graphs)
+        for depth in range(self.model.num_exit_layers):
+            self._run_layer(graphs, depth)
+            tracker.update(graphs.logits[depth], depth + 1)
+            if tracker.done:
+                break
+
+    # ---- inputs --------------------------------------------------------------------------------------------------
+    def _load(self, graphs: _BucketGraphs, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+              token_type_ids: torch.Tensor | None) -> None:
+        """Copy one input into the bucket's static buffers, padded: one host-to-device copy for CPU inputs."""
+        length = input_ids.shape[1]
+        packed = torch.zeros(3, 1, graphs.length, dtype=torch.long, device=input_ids.device)
+        packed[0].fill_(self.pad_token_id)
+        packed[0, :, :length] = input_ids
+        packed[1, :, :length] = 1 if attention_mask is None else attention_mask
+        if token_type_ids is not None:
+            packed[2, :, :length] = token_type_ids
+        if packed.device.type == "cpu" and graphs.inputs.device.type == "cuda":
+            packed = packed.pin_memory()
+        graphs.inputs.copy_(packed, non_blocking=True)
+
+    # ---- the steps, captured or eager ----------------------------------------------------------------------------
+    def _embed(self, graphs: _BucketGraphs) -> None:
+        hidden, graphs.mask, graphs.token_weights = self.model._prepare(
+            graphs.inputs[0], graphs.inputs[1], graphs.inputs[2], None, None)
+        graphs.hidden = [hidden]
+
+    def _layer(self, graphs: _BucketGraphs, depth: int) -> None:
+        hidden, logits = self.model._layer_step(depth, graphs.hidden[depth], graphs.mask, graphs.token_weights)
+        del graphs.hidden[depth + 1:], graphs.logits[depth:]
+        graphs.hidden.append(hidden)
+        graphs.logits.append(logits)
+
+    def _run_embed(self, graphs: _BucketGraphs) -> None:
+        if graphs.embed_graph is not None:
+            graphs.embed_graph.replay()
+        else:
+            self._embed(graphs)
+
+    def _run_layer(self, graphs: _BucketGraphs, depth: int) -> None:
+        if graphs.layer_graphs:
+            graphs.layer_graphs[depth].replay()
+        else:
+            self._layer(graphs, depth)
+
+    def _build(self, bucket: int) -> _BucketGraphs:
+        graphs = _BucketGraphs(bucket, torch.zeros(3, 1, bucket, dtype=torch.long, device=self.device))
+        graphs.inputs[1].fill_(1)
+        self._graphs[bucket] = graphs
+        if not self.capture:
+            return graphs
+        num_layers = self.model.num_exit_layers
+        # warm up on a side stream (cuBLAS handles, autotuning) before capturing, as torch.cuda.graph requires
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._embed(graphs)
+                for depth in range(num_layers):
+                    self._layer(graphs, depth)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        # capture: every graph's outputs stay referenced (graphs.hidden, graphs.logits), so the shared memory pool
+        # never hands them to a later graph; the graphs replay in capture order, one input at a time
+        graphs.embed_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graphs.embed_graph):
+            self._embed(graphs)
+        pool = graphs.embed_graph.pool()
+        for depth in range(num_layers):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._layer(graphs, depth)
+            graphs.layer_graphs.append(graph)
+        return graphs

@@ -1,0 +1,49 @@
+"""The benchmark cannot rot: every measurement of benchmarks/benchmark_exits.py runs here on tiny models (seconds),
+through the public API, and its report has every section. (The numbers of a smoke run mean nothing.)"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import benchmark_exits  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    folder = tmp_path_factory.mktemp("benchmark")
+    results = benchmark_exits.main(["--smoke", "--output", str(folder / "BENCHMARKS.md"), "--json",
+                                    str(folder / "results.json")])
+    json.loads((folder / "results.json").read_text())  # valid JSON
+    return results, (folder / "BENCHMARKS.md").read_text()
+
+
+def test_every_measurement_ran(smoke: tuple[dict, str]) -> None:
+    results, _ = smoke
+    m = results["measurements"]
+    assert set(m["decision"]["rows"]) >= {"budget", "pabee", "deebert", "maxprob", "pcee", "elbert"}
+    assert set(m["overhead"]["rows"]) == {"pabee", "deebert", "maxprob", "pcee", "elbert"}
+    for key in ("a", "b", "c"):
+        assert len(m[key]) == 2 and all(block["rows"] for block in m[key]), key  # real and long inputs
+    assert len(m["d"]) == 1 and len(m["e"]) == 1
+    policies = {row["policy"] for row in m["a"][0]["rows"]}
+    assert policies == {"budget", "pabee", "deebert", "maxprob", "pcee", "elbert"}
+    values = [r["ratio"] for key in ("a", "b", "c") for block in m[key] for r in block["rows"]]
+    values += [r["ratio"] for block in m["a"] for r in block["floor"]] + [m["d"][0]["ratio"], m["e"][0]["ratio"]]
+    assert all(math.isfinite(v) and v > 0 for v in values)
+    assert [row["k"] for row in m["a"][0]["floor"]] == [1, 6, 12]
+
+
+def test_report_has_every_section(smoke: tuple[dict, str]) -> None:
+    _, report = smoke
+    for heading in ("## Summary", "## The exit decision at batch size 1", "overhead per layer over the all-exits",
+                    "## Batch size 1: the floor, (a) and (b)", "## (c) Batched early exit",
+                    "## (d) Replay sweep and (e) training step", "python benchmarks/benchmark_exits.py --smoke"):
+        assert heading in report, heading

@@ -1,0 +1,119 @@
+"""Batch-size-1 early exit through :mod:`exit_cuda_graphs`: per-bucket static buffers and per-layer graphs.
+
+On CPU the same static-buffer code runs without capture (``capture=False``), which tests the bucketing and padding:
+the answers equal eager early exit on the same padded input bit for bit, and the unpadded input's up to float
+rounding with the same exits. On a GPU the captured graphs must give eager's answers on the padded input exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AlbertConfig, BertConfig, RobertaConfig
+
+from exit_policies import BudgetExit, EntropyExit, PatienceExit, PCEEExit
+from modeling_multiexit_albert import MultiExitAlbertForSequenceClassification
+from modeling_multiexit_bert import MultiExitBertForSequenceClassification, MultiExitRobertaForSequenceClassification
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
+SIZES = {"vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2,
+         "intermediate_size": 37, "max_position_embeddings": 80, "num_labels": 3}
+
+
+def make_model(kind: str, pooling: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "bert":
+        model = MultiExitBertForSequenceClassification(BertConfig(**SIZES), exit_pooling=pooling)
+    elif kind == "albert":
+        model = MultiExitAlbertForSequenceClassification(
+            AlbertConfig(embedding_size=16, num_hidden_groups=2, **SIZES), exit_pooling=pooling)
+    else:
+        model = MultiExitRobertaForSequenceClassification(RobertaConfig(pad_token_id=1, **SIZES), exit_pooling=pooling)
+    return model.eval()
+
+
+def padded(input_ids: torch.Tensor, length: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.full((1, length), pad, dtype=torch.long)
+    ids[:, : input_ids.shape[1]] = input_ids
+    mask = torch.zeros(1, length, dtype=torch.long)
+    mask[:, : input_ids.shape[1]] = 1
+    return ids, mask
+
+
+POLICIES = [BudgetExit(layer=2), PatienceExit(patience=1), EntropyExit(threshold=1.05), PCEEExit(patience=1, tau=0.99)]
+
+
+@pytest.mark.parametrize("kind", ["bert", "albert", "roberta"])
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_static_buffers_match_eager(kind: str, pooling: str) -> None:
+    model = make_model(kind, pooling)
+    graphs = model.exit_graphs(buckets=(8, 16, 32), capture=False)
+    pad = model.config.pad_token_id or 0
+    generator = torch.Generator().manual_seed(1)
+    for length in (3, 8, 11, 17):
+        ids = torch.randint(2, 50, (1, length), generator=generator)
+        bucket = graphs.bucket_for(length)
+        assert bucket == min(b for b in graphs.buckets if b >= length)
+        for policy in POLICIES:
+            graphed = model.early_exit(ids, policy=policy, cuda_graphs=True)
+            padded_ids, padded_mask = padded(ids, bucket, pad)
+            eager_padded = model.early_exit(padded_ids, padded_mask, policy=policy)
+            assert torch.equal(graphed.exit_layers, eager_padded.exit_layers)
+            assert torch.equal(graphed.logits, eager_padded.logits)
+            eager = model.early_exit(ids, policy=policy)
+            assert torch.equal(graphed.exit_layers, eager.exit_layers), (kind, pooling, length, policy)
+            torch.testing.assert_close(graphed.logits, eager.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_longest_bucket_is_the_model_positions() -> None:
+    model = make_model("bert", "cls")
+    graphs = model.exit_graphs(buckets=(16, 512), capture=False)
+    assert graphs.buckets == [16, 80] and graphs.bucket_for(80) == 80
+    with pytest.raises(ValueError, match="longer than"):
+        graphs.bucket_for(81)
+    roberta = make_model("roberta", "cls")
+    assert roberta.exit_graphs(buckets=(512,), capture=False).buckets == [78]  # positions start after padding_idx
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("autocast", [None, torch.float16])
+def test_captured_graphs_match_eager_on_gpu(pooling: str, autocast: torch.dtype | None) -> None:
+    model = make_model("bert", pooling).cuda()
+    model.exit_graphs(buckets=(16, 32), capture=True)
+    generator = torch.Generator().manual_seed(2)
+    context = torch.autocast("cuda", dtype=autocast, enabled=autocast is not None)
+    with context:  # graphs are captured on first use, under the same autocast as every later call
+        for length in (5, 16, 23):
+            ids = torch.randint(2, 50, (1, length), generator=generator).cuda()
+            for policy in POLICIES:
+                graphed = model.early_exit(ids, policy=policy, cuda_graphs=True)
+                padded_ids, padded_mask = padded(ids.cpu(), model.exit_graphs().bucket_for(length), 0)
+                eager = model.early_exit(padded_ids.cuda(), padded_mask.cuda(), policy=policy)
+                assert torch.equal(graphed.exit_layers, eager.exit_layers)
+                assert torch.equal(graphed.logits, eager.logits)
+                assert torch.isfinite(graphed.logits).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batch_size_one_batched_and_replay_agree_on_gpu() -> None:
+    """On a GPU too, each row exits where it would alone: batch size 1 (eager), the batch (rows leaving it) and the
+    replay of the all-exits pass agree on every exit layer and prediction."""
+    from exit_policies import replay
+
+    model = make_model("bert", "cls").cuda()
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(2, 50, (8, 12), generator=generator).cuda()
+    with torch.no_grad():
+        cache = model(ids).all_logits.transpose(0, 1).float().cpu()
+    for policy in POLICIES:
+        replayed = replay(policy, cache)
+        batched = model.early_exit(ids, policy=policy)
+        singles = [model.early_exit(ids[i: i + 1], policy=policy) for i in range(8)]
+        single_layers = torch.cat([s.exit_layers for s in singles]).cpu()
+        assert torch.equal(batched.exit_layers.cpu(), replayed.exit_layer), policy
+        assert torch.equal(single_layers, replayed.exit_layer), policy
+        single_answers = torch.cat([s.logits for s in singles]).cpu()
+        assert torch.equal(single_answers.argmax(-1), replayed.answer.argmax(-1))
+        torch.testing.assert_close(batched.logits.cpu(), replayed.answer, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,63 @@
+"""The two backends every rule runs on give the same numbers, bit for bit: RowOps (batch size 1, Python floats) and
+TensorOps (a batch of rows as tensors: replay and batched early exit). Each rule is written once; this is what makes
+its batch-size-1 decisions exactly those of the batched path and of the replay."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from test_policies import policy_and_logits
+
+from exit_policies import RowOps, TensorOps
+
+_LOGIT = st.one_of(st.floats(-60.0, 60.0, width=32), st.sampled_from([0.0, 1.0, -1.0, 4.0, math.inf, -math.inf]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(2, 6)), elements=_LOGIT))
+def test_measures_are_bit_identical(values: np.ndarray) -> None:
+    logits = torch.from_numpy(values)
+    if not torch.isfinite(logits.amax(dim=-1)).all() and (logits == math.inf).sum(-1).gt(1).any():
+        return  # two +inf logits in a row: inf − inf, undefined in both backends alike
+    rows = logits.tolist()
+    for measure in ("entropy", "normalized_entropy", "max_prob"):
+        batched = getattr(TensorOps, measure)(logits).tolist()
+        one_by_one = [getattr(RowOps, measure)(row) for row in rows]
+        assert np.array_equal(np.array(batched), np.array(one_by_one), equal_nan=True), measure
+    probs = TensorOps.probs(logits)
+    assert np.array_equal(probs.numpy(), np.array([RowOps.probs(row) for row in rows]), equal_nan=True)
+    assert TensorOps.argmax(logits).tolist() == [RowOps.argmax(row) for row in rows]
+    window = probs[:, None, :].expand(-1, 3, -1)
+    column = TensorOps.argmax(probs)
+    others = TensorOps.others(window, column).tolist()
+    assert others == [list(RowOps.others([RowOps.probs(row)] * 3, RowOps.argmax(RowOps.probs(row)))) for row in rows]
+
+
+def test_fp16_logits_are_read_exactly() -> None:
+    logits = torch.tensor([[1e4, -1e4, 0.0], [3.5, 3.5, -2.0]], dtype=torch.float16)
+    assert TensorOps.entropy(logits).tolist() == [RowOps.entropy(row) for row in logits.tolist()]
+    assert TensorOps.entropy(logits)[1].item() == math.log(2 + math.exp(-5.5)) - (-5.5 * math.exp(-5.5)) / (
+        2 + math.exp(-5.5))
+
+
+@settings(max_examples=200, deadline=None)
+@given(policy_and_logits())
+def test_every_step_is_identical_on_both_backends(case: tuple) -> None:
+    """Layer by layer, on every row, the same exits, answers and state: the batch run on TensorOps, each row run on
+    RowOps (the whole batch at every layer, without compaction, so every step of every row is compared)."""
+    policy, layer_logits = case
+    num_rows, num_layers, num_labels = layer_logits.shape
+    batch_state = policy.init_state(TensorOps, num_rows, num_labels)
+    row_states = [policy.init_state(RowOps, 1, num_labels) for _ in range(num_rows)]
+    for depth in range(num_layers):
+        logits = layer_logits[:, depth]
+        exits, answers, batch_state = policy.step(TensorOps, batch_state, logits, depth + 1)
+        for n, row in enumerate(logits.tolist()):
+            row_exits, row_answer, row_states[n] = policy.step(RowOps, row_states[n], row, depth + 1)
+            assert bool(exits[n]) == bool(row_exits), (policy.label(), depth + 1, n)
+            assert torch.equal(answers[n].double(), torch.tensor(row_answer, dtype=torch.float64)), (policy, n)

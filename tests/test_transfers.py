@@ -1,0 +1,82 @@
+"""Batch-size-1 early exit reads the device once per layer (the exit logits) and never synchronises otherwise.
+
+Counted on CPU: every host read of the decision goes through :func:`exit_policies.read_row` (spied on here), and a
+TorchDispatchMode sees every tensor operation, including the ones that read a device value on the host
+(``item()``, ``bool()``, ``nonzero``, ...), which must not happen at all. A decision itself runs no tensor operation.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import BertConfig
+
+import exit_policies
+from exit_policies import POLICIES, BudgetExit, ELBERTExit, EntropyExit, ExitTracker, PatienceExit, PCEEExit
+from modeling_multiexit_bert import MultiExitBertForSequenceClassification
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
+# operations that read a tensor's value on the host: a synchronisation on a GPU (and a copy that names a device)
+SYNCHRONISING = ("_local_scalar_dense", "nonzero", "is_nonzero", "equal", "item")
+
+
+class OperationLog(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        name = func.__name__ if hasattr(func, "__name__") else str(func)
+        target = (kwargs or {}).get("device")
+        if name.startswith("_to_copy") and target is not None and target != args[0].device:
+            name = "device_copy"  # a copy to another device; a dtype cast on the same device is not a transfer
+        self.names.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def read_counter(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls = [0]
+    original = exit_policies.read_row
+
+    def counting(logits: torch.Tensor) -> list[float]:
+        calls[0] += 1
+        return original(logits)
+
+    monkeypatch.setattr(exit_policies, "read_row", counting)
+    return calls
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("exit_at", [1, 3, 6])
+def test_one_transfer_per_layer_and_no_other_sync(read_counter: list[int], pooling: str, exit_at: int) -> None:
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=6, num_attention_heads=2,
+                        intermediate_size=37, num_labels=2)
+    model = MultiExitBertForSequenceClassification(config, exit_pooling=pooling).eval()
+    ids = torch.randint(1, 50, (1, 9))
+    with OperationLog() as log:
+        output = model.early_exit(ids, torch.ones_like(ids), policy=BudgetExit(layer=exit_at))
+    assert int(output.exit_layers) == exit_at
+    assert read_counter[0] == exit_at  # one read of the exit logits per layer run
+    synchronising = [name for name in log.names if name.split(".")[0] in (*SYNCHRONISING, "device_copy")]
+    assert synchronising == [], synchronising
+
+
+@pytest.mark.parametrize("policy", [PatienceExit(patience=2), EntropyExit(threshold=0.1), PCEEExit(patience=2, tau=0.3),
+                                    PCEEExit(patience=2, tau=0.3, ensemble="pcee"),
+                                    ELBERTExit(delta=0.1, window=3, criterion="monotonic")],
+                         ids=lambda p: p.label())
+def test_a_decision_runs_no_tensor_operation(read_counter: list[int], policy: exit_policies.ExitPolicy) -> None:
+    tracker = ExitTracker(policy, 1, 6)
+    layers = [torch.tensor([[0.3, -0.2]]), torch.tensor([[-0.1, 0.2]])]
+    with OperationLog() as log:
+        for layer, logits in enumerate(layers, start=1):  # two layers that do not exit
+            assert tracker.update(logits, layer) is None
+    assert log.names == [] and read_counter[0] == 2
+
+
+def test_every_policy_is_covered() -> None:
+    assert set(POLICIES) == {"budget", "pabee", "deebert", "maxprob", "pcee", "elbert"}
