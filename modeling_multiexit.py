@@ -14,7 +14,8 @@ training, all-layer evaluation, batch-size-1 early exit and batched early exit a
 
 Exit settings are config attributes (saved with ``save_pretrained``):
 
-* ``exit_head_type``: ``shared_pooler`` (PABEE/PCEE: a Linear per layer on the model's pooled [CLS]),
+* ``exit_head_type``: ``shared_pooler`` (PABEE/PCEE: a Linear per layer on the model's pooled [CLS]), ``linear`` (a
+  Linear per layer straight on the layer's token summary, no pooler),
   ``pooler`` (DeeBERT off-ramp: a pooler + Linear per layer, each pooler starting as a copy of the pretrained one),
   ``classification_head`` (RoBERTa's head shape, dense-tanh-dense on <s>, per layer), ``shared_exit`` (ELBERT: ONE
   exit, the model's pooler + a Linear, shared by every layer);
@@ -42,7 +43,7 @@ from transformers.utils import ModelOutput
 from exit_policies import ExitPolicy, ExitTracker
 from multiexit_errors import UserInputError
 
-EXIT_HEAD_TYPES = ("shared_pooler", "pooler", "classification_head", "shared_exit")
+EXIT_HEAD_TYPES = ("shared_pooler", "linear", "pooler", "classification_head", "shared_exit")
 POOLED_HEAD_TYPES = ("shared_pooler", "shared_exit")  # heads that read the model's own pretrained pooler
 EXIT_POOLINGS = ("cls", "mean")
 DEFAULT_EXIT_POOLING = "cls"  # also what checkpoints saved before the setting existed were trained with
@@ -140,6 +141,19 @@ class LinearExitHead(nn.Module):
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.classifier(_dropout(self.dropout, pooled))
 
+    @property
+    def output_layer(self) -> nn.Linear:
+        return self.classifier
+
+
+class DirectLinearExitHead(LinearExitHead):
+    """``linear`` exit: dropout and a Linear applied directly to the layer's token summary ([CLS] or token mean).
+
+    It is ``shared_pooler`` without the shared pretrained pooler (dense + tanh) that every PABEE exit reads through.
+    Where that pooler was never trained (all-MiniLM-L6-v2's is a random projection with a gain of about 0.2, as
+    sentence-transformers trained it with mean pooling), it shrinks what the exits see and ties every exit to the same
+    weights: on STS-B, joint training through it flattened the backbone's representations."""
+
 
 class PoolerExitHead(nn.Module):
     """DeeBERT off-ramp: its own pooler (dense + tanh on [CLS]), dropout and a Linear."""
@@ -152,6 +166,10 @@ class PoolerExitHead(nn.Module):
 
     def forward(self, cls_hidden: torch.Tensor) -> torch.Tensor:
         return self.classifier(_dropout(self.dropout, torch.tanh(self.pooler(cls_hidden))))
+
+    @property
+    def output_layer(self) -> nn.Linear:
+        return self.classifier
 
 
 class ClassificationHeadExit(nn.Module):
@@ -167,9 +185,14 @@ class ClassificationHeadExit(nn.Module):
         hidden = _dropout(self.dropout, torch.tanh(self.dense(_dropout(self.dropout, cls_hidden))))
         return self.out_proj(hidden)
 
+    @property
+    def output_layer(self) -> nn.Linear:
+        return self.out_proj
+
 
 EXIT_HEAD_CLASSES: dict[str, type[nn.Module]] = {
     "shared_pooler": LinearExitHead,
+    "linear": DirectLinearExitHead,
     "pooler": PoolerExitHead,
     "classification_head": ClassificationHeadExit,
     "shared_exit": LinearExitHead,  # one module for every layer (see MultiExitMixin.exit_head)
@@ -390,6 +413,15 @@ class MultiExitMixin:
         if token_weights is None:
             return hidden_states.mean(dim=1)
         return (hidden_states * token_weights.weights).sum(dim=1) / token_weights.count
+
+    @torch.no_grad()
+    def set_exit_output_bias(self, value: float) -> None:
+        """Start every exit's prediction at ``value``: its output layer's bias (the weights are untouched). For a
+        regression task, the training labels' mean: exits that start at 0 ask the backbone for the whole label offset
+        first, and jointly trained exits then flatten its representations (on STS-B with all-MiniLM-L6-v2, whose
+        pretrained pooler is an untrained random projection, every layer's Pearson collapsed below 0.3)."""
+        for head in self.exits:
+            head.output_layer.bias.fill_(value)
 
     def exit_head(self, depth: int) -> nn.Module:
         """The exit after 0-indexed layer ``depth`` (the same module for every layer with ``shared_exit``)."""

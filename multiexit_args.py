@@ -51,7 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           help="keep only the first N layers of the checkpoint (e.g. a 2-layer cut for tests)")
     required.add_argument("--max_train_samples", type=int, default=None)
     required.add_argument("--max_eval_samples", type=int, default=None)
-    required.add_argument("--eval_split", default="dev", choices=("dev", "test"))
+    required.add_argument("--eval_split", default="dev", choices=("dev", "test", "heldout"),
+                          help="heldout: a fixed part of the training set (--heldout_fraction), held out of training, "
+                               "for choosing hyper-parameters without looking at dev")
+    required.add_argument("--heldout_fraction", type=float, default=0.1,
+                          help="with --eval_split heldout: the share of the training set held out (a fixed seeded "
+                               "choice, the same for every run)")
     required.add_argument("--overwrite_cache", action="store_true", help="re-tokenise instead of using the cache")
 
     train = parser.add_argument_group("training")
@@ -65,6 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--exit_loss", default=None, choices=LOSS_WEIGHTINGS,
                        help="weighted = Σ i·L_i/Σ i (PABEE, default), uniform = mean, learned = ELBERT, "
                        "final = last exit only (single-exit fine-tuning)")
+    train.add_argument("--regression_exit_bias", default="label_mean", choices=("label_mean", "zero"),
+                       help="regression tasks trained from a plain pretrained model: every exit's output bias starts "
+                            "at the training labels' mean (default; zero-centred exits flatten jointly trained "
+                            "representations on STS-B) or at zero (the seeds' initialisation)")
     train.add_argument("--exit_weight_learning_rate", type=float, default=1e-2,
                        help="--exit_loss learned: constant learning rate of ELBERT's loss weights (its w_lr), in their "
                             "own optimizer group without weight decay or schedule")
@@ -72,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="DeeBERT: stage 1 trains backbone + final exit, stage 2 the off-ramps, backbone frozen")
     train.add_argument("--stage2_learning_rate", type=float, default=None, help="stage-2 LR (default: same)")
     train.add_argument("--per_gpu_train_batch_size", "--per_device_train_batch_size", type=int, default=8)
+    train.add_argument("--group_by_length", action="store_true",
+                       help="batches of examples of similar length (less padding, faster on CPU), in a seeded order")
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
     train.add_argument("--learning_rate", type=float, default=2e-5)
     train.add_argument("--weight_decay", type=float, default=0.0)
@@ -83,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--warmup_ratio", type=float, default=0.0)
     train.add_argument("--logging_steps", type=int, default=50)
     train.add_argument("--save_steps", type=int, default=0, help="save a checkpoint every N steps (0 = never)")
+    train.add_argument("--save_total_limit", type=int, default=None,
+                       help="keep only the newest N checkpoint-* folders (default: all)")
     train.add_argument("--evaluate_during_training", action="store_true", help="per-layer dev scores at each log")
     train.add_argument("--resume_from_checkpoint", default=None,
                        help="a checkpoint-N folder, or 'latest' for the newest one in --output_dir")
@@ -164,6 +177,10 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserInputError(f"--{name} must be a finite number >= 0, got {value}")
     if args.warmup_ratio > 1:
         raise UserInputError(f"--warmup_ratio must be in [0, 1], got {args.warmup_ratio}")
+    if not 0 < args.heldout_fraction < 1:
+        raise UserInputError(f"--heldout_fraction must be in (0, 1), got {args.heldout_fraction}")
+    if args.save_total_limit is not None and args.save_total_limit < 1:
+        raise UserInputError(f"--save_total_limit must be >= 1, got {args.save_total_limit}")
     if args.timing_warmup < 0:
         raise UserInputError(f"--timing_warmup must be >= 0, got {args.timing_warmup}")
     for value in parse_list("--calibrate_speedup", args.calibrate_speedup, float):

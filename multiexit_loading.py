@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
 
 import datasets
 import torch
@@ -161,9 +162,23 @@ def load_tokenizer(args: argparse.Namespace, path: str):  # noqa: ANN201 - any H
 # --------------------------------------------------------------------------------------------------------------------
 
 
+HELDOUT_SEED = 0  # the held-out part of the training set is the same for every run, whatever --seed
+
+
 def read_split(args: argparse.Namespace, task: TaskSpec, split: str, limit: int | None) -> list:
-    """Read and check one split (raises UserInputError naming file and line); writes nothing."""
-    examples = read_examples(task, split, args.data_dir)
+    """Read and check one split (raises UserInputError naming file and line); writes nothing.
+
+    With ``--eval_split heldout`` the training set is split once, by a fixed seeded shuffle: ``heldout`` is its
+    ``--heldout_fraction`` part and ``train`` the rest (each in the original order), so hyper-parameters can be
+    chosen without the dev set."""
+    if args.eval_split == "heldout" and split in ("train", "heldout"):
+        examples = read_examples(task, "train", args.data_dir)
+        order = list(range(len(examples)))
+        random.Random(HELDOUT_SEED).shuffle(order)
+        held = set(order[: round(args.heldout_fraction * len(examples))])
+        examples = [e for i, e in enumerate(examples) if (i in held) == (split == "heldout")]
+    else:
+        examples = read_examples(task, split, args.data_dir)
     if limit is not None:
         examples = examples[:limit]
     if not examples:

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -66,6 +67,9 @@ def save_checkpoint(folder: str, accelerator, model, tokenizer, args, optimizer,
             # inside the temporary folder: a checkpoint-N that exists is complete, resume state included
             with open(os.path.join(temporary, "trainer_state.json"), "w") as stream:
                 json.dump(progress, stream)
+        if args.save_total_limit:  # the oldest go, once the new one is complete (so one always remains)
+            for old in list_checkpoints(args.output_dir)[: -args.save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
@@ -103,7 +107,7 @@ def find_resume_folder(args: argparse.Namespace) -> str | None:
 RESUME_SENSITIVE_FLAGS = ("task_name", "data_dir", "max_train_samples", "max_seq_length", "num_hidden_layers", "seed",
                           "per_gpu_train_batch_size", "gradient_accumulation_steps", "deebert_two_stage", "exit_loss",
                           "exit_head_type", "exit_pooling", "learning_rate", "stage2_learning_rate", "weight_decay",
-                          "exit_weight_learning_rate")
+                          "exit_weight_learning_rate", "group_by_length", "regression_exit_bias")
 
 
 def warn_if_resume_differs(args: argparse.Namespace, accelerator, folder: str) -> None:  # noqa: ANN001
@@ -123,6 +127,36 @@ def warn_if_resume_differs(args: argparse.Namespace, accelerator, folder: str) -
                        "where the interrupted run would have", folder, "; ".join(changed))
 
 
+class LengthGroupedSampler(torch.utils.data.Sampler[int]):
+    """The training examples in a seeded random order in which every batch holds examples of similar length, so that
+    dynamic padding pads little (``--group_by_length``, as HF's Trainer): each epoch shuffles the data, cuts it into
+    mega-batches of 50 batches, sorts each by length, splits it into batches and shuffles the batches (the one short
+    batch, if any, comes last, so the loader's batches stay aligned with these). The order depends only on the seed
+    and the epoch, so a resumed run replays it."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, batches_per_group: int = 50) -> None:
+        self.lengths, self.batch_size, self.seed, self.epoch = list(lengths), batch_size, seed, 0
+        self.group = batch_size * batches_per_group
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):  # noqa: ANN204 - an iterator of indices
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        batches = []
+        for start in range(0, len(order), self.group):
+            group = sorted(order[start: start + self.group], key=lambda index: -self.lengths[index])
+            batches += [group[i: i + self.batch_size] for i in range(0, len(group), self.batch_size)]
+        short = [batch for batch in batches if len(batch) < self.batch_size]
+        full = [batch for batch in batches if len(batch) == self.batch_size]
+        shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+        return iter([index for batch in shuffled + short for index in batch])
+
+
 @dataclass
 class StagePosition:
     """Where a stage starts: at its beginning, or where an interrupted run saved its last checkpoint."""
@@ -136,9 +170,13 @@ class StagePosition:
 
 def train(args, accelerator, model, tokenizer, train_features, eval_callback) -> None:  # noqa: ANN001
     """The training loop: every plan (one, or DeeBERT's two stages) in turn, resumable at any saved step."""
-    train_loader = DataLoader(
-        train_features, batch_size=args.per_gpu_train_batch_size, shuffle=True, collate_fn=make_collator(tokenizer)
-    )
+    if args.group_by_length:
+        sampler = LengthGroupedSampler(train_features["length"], args.per_gpu_train_batch_size, args.seed)
+        train_loader = DataLoader(train_features, batch_size=args.per_gpu_train_batch_size, sampler=sampler,
+                                  collate_fn=make_collator(tokenizer))
+    else:
+        train_loader = DataLoader(train_features, batch_size=args.per_gpu_train_batch_size, shuffle=True,
+                                  collate_fn=make_collator(tokenizer))
     # each process sees every num_processes-th batch (accelerate pads the last round so all see as many)
     batches_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes)
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / args.gradient_accumulation_steps))

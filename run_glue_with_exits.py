@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 
+import numpy as np
 import torch
 
 from glue_data import get_task
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # everything else that can fail on the user's input, before anything is written (output_dir included): model
     # folder and config, policies against the model's depth, resume checkpoint, tokenizer, every data file
     path = resolve_model_path(args.model_name_or_path)
-    num_layers = model_depth(args, load_config(args, task, path))
+    source_config = load_config(args, task, path)
+    num_layers = model_depth(args, source_config)
     for policy in requested:
         policy.validate(task.num_labels, num_layers)
     if args.do_train:
@@ -78,6 +80,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # model and training
     if args.do_train:
         model = load_model(args, task, path)
+        fresh_exits = getattr(source_config, "exit_head_type", None) is None  # a plain pretrained checkpoint
+        if task.is_regression and fresh_exits and args.regression_exit_bias == "label_mean":
+            model.set_exit_output_bias(float(np.mean(train_features["labels"])))
         eval_callback = per_layer_callback(args, accelerator, task, tokenizer, eval_features)
         train(args, accelerator, model, tokenizer, train_features, eval_callback)
         save_final_model(args, accelerator, model, tokenizer)

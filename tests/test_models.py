@@ -30,6 +30,7 @@ from transformers import (
 from exit_policies import BudgetExit, EntropyExit, PatienceExit, PCEEExit, entropy, replay
 from modeling_multiexit import (
     ClassificationHeadExit,
+    DirectLinearExitHead,
     EarlyExitOutput,
     LinearExitHead,
     MultiExitOutput,
@@ -54,13 +55,14 @@ MODEL_CLASSES = {
 STOCK_CLASSES = {"bert": BertModel, "roberta": RobertaModel, "albert": AlbertModel}
 HEAD_CLASSES = {
     "shared_pooler": LinearExitHead,
+    "linear": DirectLinearExitHead,
     "pooler": PoolerExitHead,
     "classification_head": ClassificationHeadExit,
 }
 VALID_HEADS = {
-    "bert": ("shared_pooler", "pooler", "classification_head"),
-    "roberta": ("pooler", "classification_head"),  # RoBERTa checkpoints have no pretrained pooler
-    "albert": ("shared_pooler", "pooler", "classification_head"),
+    "bert": ("shared_pooler", "linear", "pooler", "classification_head"),
+    "roberta": ("linear", "pooler", "classification_head"),  # RoBERTa checkpoints have no pretrained pooler
+    "albert": ("shared_pooler", "linear", "pooler", "classification_head"),
 }
 DEFAULT_HEADS = {"bert": "shared_pooler", "roberta": "classification_head", "albert": "shared_pooler"}
 KIND_HEAD_PAIRS = [(kind, head) for kind in MODEL_KINDS for head in VALID_HEADS[kind]]
@@ -151,6 +153,8 @@ def hand_exit_logits(kind: str, head_type: str, model, depth: int, hidden: torch
     if head_type == "shared_pooler":
         return F.linear(hand_pool(kind, model, hidden), head.classifier.weight, head.classifier.bias)
     cls = hidden[:, 0]
+    if head_type == "linear":
+        return F.linear(cls, head.classifier.weight, head.classifier.bias)
     if head_type == "pooler":
         pooled = torch.tanh(F.linear(cls, head.pooler.weight, head.pooler.bias))
         return F.linear(pooled, head.classifier.weight, head.classifier.bias)
@@ -313,6 +317,20 @@ def test_every_exit_equals_its_head_by_hand(kind, head_type, attn):
             pooled = stock(**batch).pooler_output
             classifier = model.exits[-1].classifier
             torch.testing.assert_close(out.logits, classifier(pooled), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["bert", "albert"])
+def test_linear_exits_bypass_the_pretrained_pooler(kind):
+    """``linear`` exits read the token summary itself: no gradient of any exit's loss reaches the pretrained pooler,
+    whereas with ``shared_pooler`` every exit's does."""
+    labels = torch.tensor([0, 1, 2, 0])
+    for head_type, pooler_gets_gradient in (("linear", False), ("shared_pooler", True)):
+        model = make_model(kind, exit_head_type=head_type, exit_loss_weighting="uniform")
+        model(**padded_batch(kind, model.config), labels=labels).loss.backward()
+        pooler = model.bert.pooler if kind == "bert" else model.albert.pooler
+        grads = [param.grad for param in pooler.parameters()]
+        assert all(grad is not None for grad in grads) == pooler_gets_gradient, head_type
+        assert all(param.grad is not None and param.grad.abs().sum() > 0 for param in model.exits[0].parameters())
 
 
 def test_attn_implementation_through_from_pretrained(tmp_path):
@@ -810,10 +828,7 @@ def test_bad_exit_settings():
 # exit_pooling="mean": exits read the mean over real tokens instead of the first token
 
 
-@pytest.mark.parametrize(("kind", "head_type"), [
-    (kind, head) for kind in MODEL_KINDS for head in ("shared_pooler", "pooler", "classification_head")
-    if not (kind == "roberta" and head == "shared_pooler")  # RoBERTa has no pretrained pooler
-])
+@pytest.mark.parametrize(("kind", "head_type"), KIND_HEAD_PAIRS)
 def test_mean_pooling_exits_read_the_masked_token_mean(kind: str, head_type: str) -> None:
     """Each exit's logits == its head applied (by hand) to the mean of that layer's real-token states; padding and
     batch company change nothing (each row alone, unpadded, gives the same logits)."""

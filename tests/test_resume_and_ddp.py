@@ -196,6 +196,9 @@ SCENARIOS = {
     "joint, killed mid-epoch": (["--per_gpu_train_batch_size", 4, "--max_steps", 9, "--save_steps", 3], 6, 2),
     # batch 4, accumulation 2: 3 steps per epoch; 4 steps per stage; checkpoint-3 ends epoch 1 of stage 1;
     # killed during the first step after it (stage 1, second epoch); the resumed run goes through stage 2 too
+    # length-grouped batches (--group_by_length): the seeded order of the interrupted epoch is replayed
+    "length-grouped batches, killed mid-epoch": (
+        ["--per_gpu_train_batch_size", 4, "--max_steps", 7, "--save_steps", 3, "--group_by_length"], 6, 1),
     # ELBERT's learned loss weights have their own optimizer group (constant rate, no decay): resumed exactly too
     "learned loss weights, killed mid-epoch": (
         ["--per_gpu_train_batch_size", 4, "--max_steps", 6, "--save_steps", 3, "--exit_loss", "learned",
@@ -389,3 +392,13 @@ def test_two_process_evaluation_equals_one_process(two_process_run: dict[str, Pa
     assert [comparable(r) for r in two] == [comparable(r) for r in one]
     for a, b in zip(two, one):
         assert read_details(trained, a) == read_details(output_dir, b)
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints(tiny_dropout: tuple[Path, Path], tmp_path: Path) -> None:
+    model, data = tiny_dropout
+    output_dir = tmp_path / "limited"
+    status, stderr = run_main(["--model_name_or_path", model, "--task_name", "sst-2", "--data_dir", data,
+                               "--output_dir", output_dir, "--max_seq_length", 32, "--do_train", "--max_steps", 5,
+                               "--per_gpu_train_batch_size", 4, "--save_steps", 1, "--save_total_limit", 2])
+    assert status == 0, stderr
+    assert [os.path.basename(c) for c in list_checkpoints(str(output_dir))] == ["checkpoint-4", "checkpoint-5"]

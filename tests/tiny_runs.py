@@ -86,6 +86,20 @@ def write_mrpc(folder: Path, train: int = 24, dev: int = 12, seed: int = 0) -> P
     return folder
 
 
+def write_stsb(folder: Path, train: int = 24, dev: int = 12, seed: int = 0) -> Path:
+    """A glue_data/STS-B-style folder (the official 10 columns, score 0-5 last) of word salads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+    for split, count, split_seed in (("train", train, seed), ("dev", dev, seed + 1)):
+        rng = random.Random(split_seed)
+        lines = [header]
+        for i in range(count):
+            first, second = (" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) for _ in range(2))
+            lines.append(f"{i}\tmain\tf\t2012\t{i}\tnone\tnone\t{first}\t{second}\t{rng.uniform(0, 5):.3f}")
+        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
 def sst2_rows(count: int, seed: int = 0, min_words: int = 3, max_words: int = 9) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))) + f"\t{i % 2}"

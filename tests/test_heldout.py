@@ -1,0 +1,42 @@
+"""--eval_split heldout: a fixed part of the training set is held out of training and evaluated instead of dev."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+from tiny_runs import make_tiny_model, read_records, run_main, write_sst2
+
+from glue_data import get_task
+from multiexit_loading import read_split
+
+
+def test_the_split_is_fixed_and_disjoint(tmp_path: Path) -> None:
+    data = write_sst2(tmp_path / "SST-2", train=40, dev=5)
+    task = get_task("sst2")
+    args = argparse.Namespace(data_dir=str(data), eval_split="heldout", heldout_fraction=0.25)
+    train, held = read_split(args, task, "train", None), read_split(args, task, "heldout", None)
+    assert len(held) == 10 and len(train) == 30
+    assert {e.guid for e in train}.isdisjoint({e.guid for e in held})
+    assert [e.guid for e in read_split(args, task, "heldout", None)] == [e.guid for e in held]  # no --seed in it
+    guids = [e.guid for e in train]
+    assert guids == sorted(guids, key=lambda g: int(g.split("-")[1]))  # the original order
+
+
+def test_runner_evaluates_the_heldout_part(tmp_path: Path) -> None:
+    model = make_tiny_model(tmp_path / "model", layers=2)
+    data = write_sst2(tmp_path / "SST-2", train=40, dev=5)
+    status, stderr = run_main(["--model_name_or_path", model, "--task_name", "sst-2", "--data_dir", data,
+                               "--output_dir", tmp_path / "out", "--max_seq_length", 32, "--do_train", "--max_steps", 1,
+                               "--do_eval", "--eval_split", "heldout", "--heldout_fraction", "0.25"])
+    assert status == 0, stderr
+    (record,) = read_records(tmp_path / "out")
+    assert record["split"] == "heldout" and record["num_examples"] == 10
+
+
+@pytest.mark.parametrize("fraction", ["0", "1", "1.5"])
+def test_bad_fraction(tmp_path: Path, fraction: str) -> None:
+    status, stderr = run_main(["--task_name", "sst-2", "--output_dir", tmp_path / "out", "--do_eval",
+                               "--eval_split", "heldout", "--heldout_fraction", fraction])
+    assert status == 2 and "--heldout_fraction must be in (0, 1)" in stderr
