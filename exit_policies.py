@@ -209,11 +209,15 @@ class RowOps:
             top = max(logits_)
         else:
             logits_ = logits
-        z = [value - top for value in logits_]
-        e = [_exp(value) for value in z]
-        total = e[0]
-        for value in e[1:]:  # in order, as TensorOps adds (not sum(): it compensates from Python 3.12 on)
-            total += value
+        # one loop, not three comprehensions: this is most of a decision's cost. The total adds in class order, as
+        # TensorOps does (not sum(): it compensates from Python 3.12 on); 0.0 + e_0 is exactly e_0
+        z, e, total = [], [], 0.0
+        for value in logits_:
+            shifted = value - top
+            z.append(shifted)
+            exponential = _exp(shifted)
+            e.append(exponential)
+            total += exponential
         RowOps._last_logits, RowOps._last_shifted = logits, (z, e, total)
         return z, e, total
 
@@ -303,14 +307,13 @@ class RowOps:
 
     @staticmethod
     def others(window: Sequence[list[float]], column: int) -> list[float]:
+        # in class order, as TensorOps adds (its masked-out class adds 0.0, which changes no total of probabilities)
         result = []
         for row in window:
             total = 0.0
-            for index, value in enumerate(row):
+            for index in range(len(row)):
                 if index != column:
-                    total += value
-                else:
-                    total += 0.0  # as TensorOps adds the masked-out class's 0
+                    total += row[index]
             result.append(total)
         return result
 

@@ -31,6 +31,7 @@ Exit settings are config attributes (saved with ``save_pretrained``):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,18 +65,28 @@ def set_exit_settings(config: PretrainedConfig, **exit_settings: object) -> None
             setattr(config, key, value)
 
 
+def default_exit_head(model_default: str, exit_pooling: str) -> str:
+    """The model's default head (PABEE's ``shared_pooler`` for BERT/ALBERT), except that mean-pooled exits default to
+    ``linear``: a pretrained pooler was trained on the [CLS] state, not on token means, and in the study a shared
+    pooler in front of mean-pooled exits was never better than none (all-MiniLM-L6-v2's pooler was never trained at
+    all; STS-B joint training collapsed through it, CoLA learned more slowly)."""
+    if model_default == "shared_pooler" and exit_pooling == "mean":
+        return "linear"
+    return model_default
+
+
 def configure_exits(config: PretrainedConfig, default_head_type: str) -> None:
     """Fill in and check the exit settings on ``config`` so that they are saved with it."""
-    if getattr(config, "exit_head_type", None) is None:
-        config.exit_head_type = default_head_type
-    if getattr(config, "exit_loss_weighting", None) is None:
-        config.exit_loss_weighting = "weighted"
-    if getattr(config, "exit_learned_weight_init", None) is None:
-        config.exit_learned_weight_init = 4.0
     if getattr(config, "exit_pooling", None) is None:
         config.exit_pooling = DEFAULT_EXIT_POOLING
     if config.exit_pooling not in EXIT_POOLINGS:
         raise UserInputError(f"exit_pooling must be one of {', '.join(EXIT_POOLINGS)}, got {config.exit_pooling!r}")
+    if getattr(config, "exit_head_type", None) is None:
+        config.exit_head_type = default_exit_head(default_head_type, config.exit_pooling)
+    if getattr(config, "exit_loss_weighting", None) is None:
+        config.exit_loss_weighting = "weighted"
+    if getattr(config, "exit_learned_weight_init", None) is None:
+        config.exit_learned_weight_init = 4.0
     if config.exit_head_type not in EXIT_HEAD_TYPES:
         choices = ", ".join(EXIT_HEAD_TYPES)
         raise UserInputError(f"exit_head_type must be one of {choices}, got {config.exit_head_type!r}")
@@ -415,13 +426,15 @@ class MultiExitMixin:
         return (hidden_states * token_weights.weights).sum(dim=1) / token_weights.count
 
     @torch.no_grad()
-    def set_exit_output_bias(self, value: float) -> None:
-        """Start every exit's prediction at ``value``: its output layer's bias (the weights are untouched). For a
-        regression task, the training labels' mean: exits that start at 0 ask the backbone for the whole label offset
-        first, and jointly trained exits then flatten its representations (on STS-B with all-MiniLM-L6-v2, whose
-        pretrained pooler is an untrained random projection, every layer's Pearson collapsed below 0.3)."""
+    def set_exit_output_bias(self, value: float | Sequence[float]) -> None:
+        """Start every exit's prediction at ``value``: its output layer's bias (the weights are untouched), one number
+        (regression) or one per class. For a regression task, the training labels' mean: exits that start at 0 ask
+        the backbone for the whole label offset first, and jointly trained exits then flatten its representations (on
+        STS-B with all-MiniLM-L6-v2, whose pretrained pooler is an untrained random projection, every layer's Pearson
+        collapsed below 0.3). For classification, the log class frequencies start every exit at the prior."""
         for head in self.exits:
-            head.output_layer.bias.fill_(value)
+            bias = head.output_layer.bias
+            bias.copy_(torch.as_tensor(value, dtype=bias.dtype).expand_as(bias))
 
     def exit_head(self, depth: int) -> nn.Module:
         """The exit after 0-indexed layer ``depth`` (the same module for every layer with ``shared_exit``)."""

@@ -62,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train = parser.add_argument_group("training")
     train.add_argument("--do_train", action="store_true")
     train.add_argument("--exit_head_type", default=None, choices=EXIT_HEAD_TYPES,
-                       help="default: shared_pooler for BERT/ALBERT (PABEE), classification_head for RoBERTa")
+                       help="default: shared_pooler for BERT/ALBERT (PABEE; linear with --exit_pooling mean), "
+                            "classification_head for RoBERTa")
     train.add_argument("--exit_pooling", default=None, choices=EXIT_POOLINGS,
                        help="what each exit reads: cls = the first token (the papers; default), mean = the mean over "
                             "real tokens (for mean-pooled checkpoints such as all-MiniLM-L6-v2, whose [CLS] carries "
@@ -74,6 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="regression tasks trained from a plain pretrained model: every exit's output bias starts "
                             "at the training labels' mean (default; zero-centred exits flatten jointly trained "
                             "representations on STS-B) or at zero (the seeds' initialisation)")
+    train.add_argument("--classification_exit_bias", default="zero", choices=("zero", "log_prior"),
+                       help="classification tasks trained from a plain pretrained model: every exit's output bias "
+                            "starts at zero (default, the seeds') or at the log class frequencies of the training set "
+                            "(log_prior: every exit starts at the prior; on CoLA it sped up the shared-pooler head)")
     train.add_argument("--exit_weight_learning_rate", type=float, default=1e-2,
                        help="--exit_loss learned: constant learning rate of ELBERT's loss weights (its w_lr), in their "
                             "own optimizer group without weight decay or schedule")

@@ -14,14 +14,15 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from glue_data import make_collator
+from glue_data import TaskSpec, make_collator
 from multiexit_errors import UserInputError
 from multiexit_io import (
     append_jsonl,
@@ -102,12 +103,26 @@ def find_resume_folder(args: argparse.Namespace) -> str | None:
     return folder
 
 
+def initial_exit_bias(args: argparse.Namespace, task: TaskSpec, labels: Sequence[float]) -> float | list[float] | None:
+    """Where fresh exits' output biases start (None: leave them at zero, the seeds' start): the training labels' mean
+    for regression (``--regression_exit_bias label_mean``, the default), the log class frequencies for
+    classification with ``--classification_exit_bias log_prior``: the best constant prediction under each loss."""
+    if task.is_regression:
+        return float(np.mean(labels)) if args.regression_exit_bias == "label_mean" else None
+    if args.classification_exit_bias != "log_prior":
+        return None
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=task.num_labels).astype(np.float64)
+    # a class absent from the training set gets the weight of one example, not log 0
+    return np.log(np.maximum(counts, 1.0) / max(counts.sum(), 1.0)).tolist()
+
+
 # flags that decide the data order and the optimisation: resuming with other values still runs, but is no longer
 # the continuation of the interrupted run
 RESUME_SENSITIVE_FLAGS = ("task_name", "data_dir", "max_train_samples", "max_seq_length", "num_hidden_layers", "seed",
                           "per_gpu_train_batch_size", "gradient_accumulation_steps", "deebert_two_stage", "exit_loss",
                           "exit_head_type", "exit_pooling", "learning_rate", "stage2_learning_rate", "weight_decay",
-                          "exit_weight_learning_rate", "group_by_length", "regression_exit_bias")
+                          "exit_weight_learning_rate", "group_by_length", "regression_exit_bias",
+                          "classification_exit_bias")
 
 
 def warn_if_resume_differs(args: argparse.Namespace, accelerator, folder: str) -> None:  # noqa: ANN001

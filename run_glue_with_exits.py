@@ -18,7 +18,6 @@ import logging
 import os
 import sys
 
-import numpy as np
 import torch
 
 from glue_data import get_task
@@ -35,7 +34,7 @@ from multiexit_loading import (
     read_split,
     resolve_model_path,
 )
-from multiexit_training import find_resume_folder, save_final_model, train
+from multiexit_training import find_resume_folder, initial_exit_bias, save_final_model, train
 
 logger = logging.getLogger("run_glue_with_exits")
 
@@ -81,8 +80,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.do_train:
         model = load_model(args, task, path)
         fresh_exits = getattr(source_config, "exit_head_type", None) is None  # a plain pretrained checkpoint
-        if task.is_regression and fresh_exits and args.regression_exit_bias == "label_mean":
-            model.set_exit_output_bias(float(np.mean(train_features["labels"])))
+        if fresh_exits:
+            start = initial_exit_bias(args, task, train_features["labels"])
+            if start is not None:
+                model.set_exit_output_bias(start)
         eval_callback = per_layer_callback(args, accelerator, task, tokenizer, eval_features)
         train(args, accelerator, model, tokenizer, train_features, eval_callback)
         save_final_model(args, accelerator, model, tokenizer)
