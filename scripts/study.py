@@ -145,16 +145,18 @@ def search_runs(runs_dir: Path) -> list[Run]:
 
 
 def chosen_settings(runs_dir: Path) -> dict[str, dict]:
-    """Per task: the (learning rate, epochs) with the best held-out final-layer score (ties: fewer epochs)."""
+    """Per task whose search runs have all finished: the (learning rate, epochs) with the best held-out final-layer
+    score (ties: fewer epochs). A task still being searched (by this driver or another) has no choice yet."""
     from glue_data import get_task
 
     chosen = {}
     for task, setting in TASKS.items():
         trials = []
-        for lr in setting.learning_rates:
-            log = runs_dir / "search" / task / f"lr{lr:g}" / "training_log.jsonl"
-            if not log.exists():
-                continue
+        folders = [runs_dir / "search" / task / f"lr{lr:g}" for lr in setting.learning_rates]
+        if not all((folder / "training_log.done").exists() for folder in folders):
+            continue
+        for lr, folder in zip(setting.learning_rates, folders):
+            log = folder / "training_log.jsonl"
             entries = [json.loads(line) for line in log.read_text().splitlines() if '"eval_per_layer"' in line]
             for epoch, entry in enumerate(entries[: setting.max_epochs], start=1):
                 scores = entry["eval_per_layer"]
@@ -315,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.step == "search":
         write_commands(results_dir / "search_commands.txt", search)
         failed = execute(search, args.workers, runs_dir, keep_models=False)
+        if not all(run.done_file.exists() for run in search):  # another driver still runs some
+            print("search runs of another driver are still running: results/hparams.json is written when the last "
+                  "one finishes (by the driver that runs it)", flush=True)
+            return 1 if failed else 0
         (results_dir / "hparams.json").write_text(json.dumps(chosen_settings(runs_dir), indent=1) + "\n")
         return 1 if failed else 0
     settings = chosen_settings(runs_dir)
@@ -332,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     if not settings:
         print("no search results yet: run `python scripts/study.py search` first", file=sys.stderr)
         return 2
+    if len(settings) < len(TASKS):
+        print(f"the search has not finished for {', '.join(t for t in TASKS if t not in settings)}: their runs are "
+              "left out of this invocation", file=sys.stderr)
     write_commands(results_dir / "commands.txt", runs)
     return 1 if execute(runs, args.workers, runs_dir, args.keep_models) else 0
 
