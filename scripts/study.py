@@ -29,6 +29,7 @@ information below layer 4). Regression exits start at the training labels' mean 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -116,6 +117,7 @@ def glue_dir() -> Path:
     return Path(os.environ.get("GLUE_DIR", os.path.join(shared, "data", "glue")))
 
 
+@functools.cache  # one read of the training file per task, however many runs the plan has
 def training_examples(task: str, heldout: bool) -> int:
     """How many examples a run trains on (the runner holds out 10 % first, then takes the first N)."""
     from glue_data import get_task, read_examples
@@ -126,13 +128,17 @@ def training_examples(task: str, heldout: bool) -> int:
     return min(count, TASKS[task].max_train_samples or count)
 
 
+def search_folder(runs_dir: Path, task: str, learning_rate: float) -> Path:
+    return runs_dir / "search" / task / f"lr{learning_rate:g}"
+
+
 def search_runs(runs_dir: Path) -> list[Run]:
     """Single-exit fine-tuning (linear head) on 90 % of train, scored on the other 10 % after every epoch."""
     runs = []
     for task, setting in TASKS.items():
         steps_per_epoch = math.ceil(training_examples(task, heldout=True) / 32)
         for lr in setting.learning_rates:
-            out = runs_dir / "search" / task / f"lr{lr:g}"
+            out = search_folder(runs_dir, task, lr)
             argv = [*COMMON, "--task_name", task, "--data_dir", str(glue_dir() / setting.folder), "--output_dir",
                     str(out), "--do_train", "--exit_loss", "final", "--exit_head_type", "linear", "--learning_rate",
                     f"{lr:g}", "--num_train_epochs", str(setting.max_epochs), "--eval_split", "heldout",
@@ -152,7 +158,7 @@ def chosen_settings(runs_dir: Path) -> dict[str, dict]:
     chosen = {}
     for task, setting in TASKS.items():
         trials = []
-        folders = [runs_dir / "search" / task / f"lr{lr:g}" for lr in setting.learning_rates]
+        folders = [search_folder(runs_dir, task, lr) for lr in setting.learning_rates]
         if not all((folder / "training_log.done").exists() for folder in folders):
             continue
         for lr, folder in zip(setting.learning_rates, folders):
