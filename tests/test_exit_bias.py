@@ -19,9 +19,9 @@ from glue_data import get_task, read_examples
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
-def train(model: Path, data: Path, output_dir: Path, *flags: object) -> dict[str, torch.Tensor]:
+def train(model: Path, data: Path, output_dir: Path, *flags: object, task: str = "sts-b") -> dict[str, torch.Tensor]:
     # learning rate 0: the weights after training are the weights the run started from
-    status, stderr = run_main(["--model_name_or_path", model, "--task_name", "sts-b", "--data_dir", data,
+    status, stderr = run_main(["--model_name_or_path", model, "--task_name", task, "--data_dir", data,
                                "--output_dir", output_dir, "--max_seq_length", 32, "--do_train", "--max_steps", 1,
                                "--learning_rate", 0, *flags])
     assert status == 0, stderr
@@ -52,18 +52,12 @@ def test_classification_exits_start_at_the_log_prior_when_asked(tmp_path: Path) 
     rows = [("1" if i % 4 else "0") + row[1:] for i, row in enumerate(rows)]  # 3 of 4 examples are class 1
     train_file.write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
 
-    def fit(output_dir: Path, *flags: object) -> dict[str, torch.Tensor]:
-        status, stderr = run_main(["--model_name_or_path", model, "--task_name", "mrpc", "--data_dir", data,
-                                   "--output_dir", output_dir, "--max_seq_length", 32, "--do_train", "--max_steps", 1,
-                                   "--learning_rate", 0, "--exit_head_type", "linear", *flags])
-        assert status == 0, stderr
-        return load_file(output_dir / "model.safetensors")
-
-    prior = fit(tmp_path / "prior", "--classification_exit_bias", "log_prior")
+    prior = train(model, data, tmp_path / "prior", "--exit_head_type", "linear", "--classification_exit_bias",
+                  "log_prior", task="mrpc")
     expected = torch.tensor([math.log(6 / 24), math.log(18 / 24)])
     for depth in range(2):
         torch.testing.assert_close(prior[f"exits.{depth}.classifier.bias"], expected)
-    default = fit(tmp_path / "default")  # the seeds' zero start
+    default = train(model, data, tmp_path / "default", "--exit_head_type", "linear", task="mrpc")  # the seeds' start
     assert all(default[f"exits.{depth}.classifier.bias"].abs().max() == 0 for depth in range(2))
 
 
