@@ -37,6 +37,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
@@ -286,12 +287,14 @@ class RowOps:
 
     @staticmethod
     def add_rows(a: list[float], b: list[float]) -> list[float]:
-        return [x + y for x, y in zip(a, b)]
+        return list(map(operator.add, a, b))  # map runs the loop in C: about half a comprehension's time
 
     @staticmethod
     def log_mean_rows(total: list[float], count: int) -> list[float]:
-        count = max(count, 1)
-        return [_log(max(value / count, 1e-30)) for value in total]
+        if count < 1:
+            count = 1
+        # max(mean, 1e-30) as TensorOps clamps (a NaN mean stays NaN), without a call to max() per class
+        return [_LOG_TINY if (mean := value / count) < 1e-30 else _log(mean) for value in total]
 
     @staticmethod
     def empty_window(batch_size: int, size: int, width: int) -> tuple:
@@ -337,6 +340,7 @@ class RowOps:
 
 
 _exp, _log = math.exp, math.log
+_LOG_TINY = math.log(1e-30)
 
 
 Ops = type[TensorOps] | type[RowOps]

@@ -38,6 +38,21 @@ def test_measures_are_bit_identical(values: np.ndarray) -> None:
     assert others == [list(RowOps.others([RowOps.probs(row)] * 3, RowOps.argmax(RowOps.probs(row)))) for row in rows]
 
 
+@settings(max_examples=200, deadline=None)
+@given(arrays(np.float64, st.tuples(st.integers(1, 5), st.integers(2, 5)),
+              elements=st.one_of(st.floats(0.0, 2.0), st.sampled_from([0.0, 1e-30, 5e-31, 1e-29, math.nan]))),
+       st.lists(st.integers(0, 4), min_size=5, max_size=5))
+def test_ensemble_sums_are_bit_identical(totals: np.ndarray, counts: list[int]) -> None:
+    """The ensemble's running sums and their log-mean (floored at log 1e-30; count 0 counts as 1; NaN stays NaN)."""
+    rows = torch.from_numpy(totals)
+    count = torch.tensor(counts[: rows.shape[0]])
+    summed = TensorOps.add_rows(rows, rows).numpy()
+    assert np.array_equal(summed, np.array([RowOps.add_rows(row, row) for row in totals.tolist()]), equal_nan=True)
+    batched = TensorOps.log_mean_rows(rows, count).numpy()
+    one_by_one = [RowOps.log_mean_rows(row, n) for row, n in zip(totals.tolist(), count.tolist())]
+    assert np.array_equal(batched, np.array(one_by_one), equal_nan=True)
+
+
 def test_fp16_logits_are_read_exactly() -> None:
     logits = torch.tensor([[1e4, -1e4, 0.0], [3.5, 3.5, -2.0]], dtype=torch.float16)
     assert TensorOps.entropy(logits).tolist() == [RowOps.entropy(row) for row in logits.tolist()]
