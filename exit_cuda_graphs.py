@@ -72,7 +72,9 @@ class ExitGraphs:
         self._load(graphs, input_ids, attention_mask, token_type_ids)
         self._run_embed(graphs)
         for depth in range(self.model.num_exit_layers):
-            self._run_layer(graphs, depth)
+            self._run_layer(graphs, depth)  # the graph holds the layer and its exit head together
+            if depth + 1 < tracker.first_read_layer:  # read nothing the policy does not read
+                continue
             tracker.update(graphs.logits[depth], depth + 1)
             if tracker.done:
                 break

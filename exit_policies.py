@@ -524,6 +524,11 @@ class ExitPolicy:
         """The first (1-indexed) layer at which this policy can exit by its own rule."""
         return 1
 
+    def first_read_layer(self) -> int:
+        """The first (1-indexed) layer whose exit logits the rule reads. Early exit computes no exit head (and reads
+        nothing from the device) below it; 1 for every rule that keeps state from the first layer on."""
+        return 1
+
     # ---- naming ------------------------------------------------------------------------------------------------------
     def params(self) -> dict[str, object]:
         return asdict(self)
@@ -605,6 +610,9 @@ class BudgetExit(ExitPolicy):
 
     def earliest_exit(self) -> int:
         return self.layer
+
+    def first_read_layer(self) -> int:
+        return self.layer  # the layers below are run without their exits, as a model cut to ``layer`` would be
 
     def step(self, ops: Ops, state: State, logits: object, layer: int) -> tuple[object, object, State]:
         return ops.constant(logits, layer >= self.layer), logits, state
@@ -1007,6 +1015,8 @@ class ExitTracker:
     def __init__(self, policy: ExitPolicy, batch_size: int, num_layers: int) -> None:
         self.policy = policy
         self.num_layers = num_layers
+        # the loop runs layers below this one without their exit heads and does not call update() there
+        self.first_read_layer = min(policy.first_read_layer(), num_layers)
         self.one_row = batch_size == 1
         self.active = torch.arange(batch_size)
         self.exit_layer = torch.zeros(batch_size, dtype=torch.long)
@@ -1088,7 +1098,7 @@ def replay(policy: ExitPolicy, layer_logits: torch.Tensor) -> ReplayResult:
     layer_logits = torch.as_tensor(layer_logits).cpu()
     num_examples, num_layers, _ = layer_logits.shape
     tracker = ExitTracker(policy, num_examples, num_layers)
-    for depth in range(num_layers):
+    for depth in range(tracker.first_read_layer - 1, num_layers):
         tracker.update(layer_logits[tracker.active, depth], depth + 1)
         if tracker.done:
             break

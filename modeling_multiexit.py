@@ -474,7 +474,12 @@ class MultiExitMixin:
             hidden_states, mask, token_weights = self._prepare(
                 input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
         all_logits, all_hidden = [], [hidden_states] if output_hidden_states else []
+        first_read = tracker.first_read_layer if tracker is not None else 1
         for depth in range(self.num_exit_layers):
+            if depth + 1 < first_read:  # the policy reads no exit here (a budget): the layer alone, as a cut model
+                with torch.set_grad_enabled(backbone_grad):
+                    hidden_states = self._layer_at(depth)(hidden_states, mask)
+                continue
             if switch_grad:
                 with torch.set_grad_enabled(backbone_grad):
                     hidden_states = self._layer_at(depth)(hidden_states, mask)

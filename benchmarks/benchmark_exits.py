@@ -17,7 +17,9 @@ Measurements and targets (TARGETS):
 * overhead: ``model.early_exit`` at batch size 1 with a policy that never fires, minus the all-exits ``forward`` on the
   same input, per layer (a tiny 12-layer BERT, where this overhead is not hidden behind the layers' work);
 * floor: early exit leaving at layer k against the stock model cut to k layers plus its classifier (the same weights),
-  at batch size 1: the physical limit of early exit at that depth;
+  at batch size 1: the physical limit of early exit at that depth. It leaves with ``budget(k)``, which reads only layer
+  k's exit (``ExitPolicy.first_read_layer``), so this is what the early-exit call itself adds to a cut model; what the
+  exits below k cost a rule that reads them is in (a) and the overhead;
 * (a) batch size 1: wall-clock speed-up over the stock full-depth model, divided by the layer speed-up L / avg exit;
 * (b) the decision per layer as a fraction of one layer's time (bs 1);
 * (c) batch size 32: early-exit throughput over full-depth throughput, divided by L / avg exit;
@@ -774,8 +776,9 @@ def bs1_lines(block: dict) -> list[str]:
              f"repeats, load {block['load_average'][0]} → {block['load_average'][1]}", "",
              f"Stock full depth: {ms(block['stock_full_s_per_example'])} ms per example; one layer: "
              f"{ms(block['per_layer_s'])} ms ((stock L layers − stock 1 layer) / (L − 1)).", "",
-             "Floor: early exit leaving at layer k (`budget(k)`) against the stock model cut to k layers; and how far "
-             "even that cut model is from L / k (the embeddings and the classifier are paid whatever the depth):", "",
+             "Floor: early exit leaving at layer k (`budget(k)`, which computes and reads only layer k's exit) "
+             "against the stock model cut to k layers; and how far even that cut model is from L / k (the "
+             "embeddings and the classifier are paid whatever the depth):", "",
              "| k | early exit | stock cut to k | ratio (target ≤ 1.03) | stock cut's speed-up ÷ (L / k) | |",
              "|---:|---:|---:|---:|---:|---|"]
     for row in block["floor"]:

@@ -7,6 +7,8 @@ TorchDispatchMode sees every tensor operation, including the ones that read a de
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -49,20 +51,61 @@ def read_counter(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+@dataclass(frozen=True)
+class ExitAtEveryLayerRead(exit_policies.ExitPolicy):
+    """Exits at ``layer`` like a budget but reads every exit, as a stateful rule does (unregistered: no name)."""
+
+    layer: int = 1
+
+    def step(self, ops: exit_policies.Ops, state: dict, logits: object, layer: int) -> tuple:
+        return ops.constant(logits, layer >= self.layer), logits, state
+
+
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 @pytest.mark.parametrize("exit_at", [1, 3, 6])
-def test_one_transfer_per_layer_and_no_other_sync(read_counter: list[int], pooling: str, exit_at: int) -> None:
+@pytest.mark.parametrize("policy_type", [ExitAtEveryLayerRead, BudgetExit])
+def test_one_transfer_per_layer_and_no_other_sync(read_counter: list[int], pooling: str, exit_at: int,
+                                                  policy_type: type) -> None:
     torch.manual_seed(0)
     config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=6, num_attention_heads=2,
                         intermediate_size=37, num_labels=2)
     model = MultiExitBertForSequenceClassification(config, exit_pooling=pooling).eval()
     ids = torch.randint(1, 50, (1, 9))
     with OperationLog() as log:
-        output = model.early_exit(ids, torch.ones_like(ids), policy=BudgetExit(layer=exit_at))
+        output = model.early_exit(ids, torch.ones_like(ids), policy=policy_type(layer=exit_at))
     assert int(output.exit_layers) == exit_at
-    assert read_counter[0] == exit_at  # one read of the exit logits per layer run
+    # one read of the exit logits per layer whose exit the rule reads: every layer run, or only the budget's layer
+    assert read_counter[0] == (1 if policy_type is BudgetExit else exit_at)
     synchronising = [name for name in log.names if name.split(".")[0] in (*SYNCHRONISING, "device_copy")]
     assert synchronising == [], synchronising
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+@pytest.mark.parametrize("exit_at", [1, 4, 6])
+def test_a_budget_computes_only_its_own_exit(monkeypatch: pytest.MonkeyPatch, batch_size: int, exit_at: int) -> None:
+    """A budget exit runs the layers below its own as a model cut there would: no exit head, no read; its answer is
+    the all-exits forward's logits at that layer."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=6, num_attention_heads=2,
+                        intermediate_size=37, num_labels=3)
+    model = MultiExitBertForSequenceClassification(config, exit_pooling="mean").eval()
+    ids = torch.randint(1, 50, (batch_size, 9))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    with torch.no_grad():
+        reference = model(ids, mask).all_logits[exit_at - 1]
+    heads_run = []
+    original = type(model)._exit_logits
+
+    def counting(self, depth: int, *args: object) -> torch.Tensor:  # noqa: ANN001
+        heads_run.append(depth + 1)
+        return original(self, depth, *args)
+
+    monkeypatch.setattr(type(model), "_exit_logits", counting)
+    output = model.early_exit(ids, mask, policy=BudgetExit(layer=exit_at))
+    assert heads_run == [exit_at]
+    assert output.exit_layers.tolist() == [exit_at] * batch_size
+    torch.testing.assert_close(output.logits, reference, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("policy", [PatienceExit(patience=2), EntropyExit(threshold=0.1), PCEEExit(patience=2, tau=0.3),
