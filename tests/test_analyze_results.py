@@ -82,6 +82,8 @@ def test_writes_every_artefact(study: tuple[Path, dict]) -> None:
     verdicts = json.loads((results / "summary.json").read_text())["claims"]
     assert all(cell["verdict"] in ("held", "refuted", "untestable") for cells in verdicts.values()
                for cell in cells.values())
+    assert all(set(cells) == {"SST-2", "STS-B"} for cells in verdicts.values()), "a verdict for every claim and task"
+    assert verdicts["ELBERT: at least 2× with negligible loss"]["STS-B"]["verdict"] == "untestable"
 
 
 def test_per_layer_scores_are_the_recomputed_ones(study: tuple[Path, dict]) -> None:
