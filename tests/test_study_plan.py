@@ -60,3 +60,20 @@ def test_training_plan_uses_the_chosen_settings_phase_by_phase(study, tmp_path: 
     two_stage = next(run for run in runs if "/deebert2-linear/" in run.name)
     assert "--deebert_two_stage" in two_stage.argv
     assert two_stage.argv[two_stage.argv.index("--exit_head_type") + 1] == "linear"
+
+
+def test_commands_list_the_whole_plan_whatever_part_runs(study, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A driver started for one phase and one seed still writes every run of the plan to results/commands.txt."""
+    for task in study.TASKS:
+        write_search(tmp_path / "runs", task, 5e-5, [0.80, 0.83, 0.82])
+        write_search(tmp_path / "runs", task, 1e-4, [0.70, 0.71, 0.72])
+    executed = []
+    monkeypatch.setattr(study, "execute", lambda runs, *args: executed.extend(runs) or False)
+    results = tmp_path / "results"
+    assert study.main(["train", "--phases", "2", "--seeds", "1", "--runs_dir", str(tmp_path / "runs"),
+                       "--results_dir", str(results)]) == 0
+    lines = (results / "commands.txt").read_text().splitlines()[1:]
+    assert len(lines) == len(study.TASKS) * len(study.VARIANTS) * len(study.PLAN_SEEDS)
+    assert len(executed) == len(study.TASKS) * sum(1 for v in study.VARIANTS.values() if v.phase == 2)
+    assert all(" ".join(run.argv) in "\n".join(lines) for run in executed)
