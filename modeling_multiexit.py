@@ -476,13 +476,12 @@ class MultiExitMixin:
         all_logits, all_hidden = [], [hidden_states] if output_hidden_states else []
         first_read = tracker.first_read_layer if tracker is not None else 1
         for depth in range(self.num_exit_layers):
-            if depth + 1 < first_read:  # the policy reads no exit here (a budget): the layer alone, as a cut model
+            reads_exit = depth + 1 >= first_read  # not below a budget's layer: there the layer runs alone, as cut
+            if switch_grad or not reads_exit:
                 with torch.set_grad_enabled(backbone_grad):
                     hidden_states = self._layer_at(depth)(hidden_states, mask)
-                continue
-            if switch_grad:
-                with torch.set_grad_enabled(backbone_grad):
-                    hidden_states = self._layer_at(depth)(hidden_states, mask)
+                if not reads_exit:
+                    continue
                 logits = self._exit_logits(depth, hidden_states, token_weights)
             else:
                 hidden_states, logits = self._layer_step(depth, hidden_states, mask, token_weights)

@@ -352,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
               "left out of this invocation", file=sys.stderr)
     # the whole plan, whichever part this invocation runs (a driver for one phase must not shorten the list)
     plan = train_runs(runs_dir, settings, PLAN_SEEDS, PLAN_PHASES)
-    write_commands(results_dir / "commands.txt", plan + [run for run in runs if run.name not in {p.name for p in plan}])
+    planned = {run.name for run in plan}
+    write_commands(results_dir / "commands.txt", plan + [run for run in runs if run.name not in planned])
     return 1 if execute(runs, args.workers, runs_dir, args.keep_models) else 0
 
 
