@@ -548,11 +548,18 @@ class ExitPolicy:
     def init_state(self, ops: Ops, batch_size: int, num_labels: int) -> State:
         return {}
 
-    def step(self, ops: Ops, state: State, logits: object, layer: int) -> tuple[object, object, State]:
+    def step(self, ops: Ops, state: State, logits: object, layer: int) -> tuple[object, State]:
         """Decide for each row after ``layer`` (1-indexed), on the backend ``ops`` (TensorOps: logits [b, C];
-        RowOps: one row of floats). Returns (exits, answer, new state): whether each row exits now, what it answers
-        if it does (at the last layer every row does), and the state for the next layer."""
+        RowOps: one row of floats). Returns (exits, new state): whether each row exits now, and the state for the
+        next layer."""
         raise NotImplementedError
+
+    def answer(self, ops: Ops, state: State, logits: object, exits: object) -> object:
+        """What each row answers if it leaves after this layer (at the last layer every row does), given the
+        ``state`` and ``exits`` that :meth:`step` just returned: the layer's own logits unless a rule says otherwise.
+        Asked only at a layer where some row leaves, so that a rule's answer (an ensemble's log-mean) costs nothing
+        at the layers where every row runs on."""
+        return logits
 
     # ---- flags, calibration, grids -----------------------------------------------------------------------------------
     @classmethod
@@ -614,8 +621,8 @@ class BudgetExit(ExitPolicy):
     def first_read_layer(self) -> int:
         return self.layer  # the layers below are run without their exits, as a model cut to ``layer`` would be
 
-    def step(self, ops: Ops, state: State, logits: object, layer: int) -> tuple[object, object, State]:
-        return ops.constant(logits, layer >= self.layer), logits, state
+    def step(self, ops: Ops, state: State, logits: object, layer: int) -> tuple[object, State]:
+        return ops.constant(logits, layer >= self.layer), state
 
     def knob(self, num_layers: int, num_labels: int) -> Knob:
         return Knob("layer", 1, num_layers, faster_when="lower", integer=True)
@@ -667,7 +674,7 @@ class PatienceExit(ExitPolicy):
             return {"counter": ops.counters(batch_size), "previous": ops.values(batch_size, math.nan)}
         return {"counter": ops.counters(batch_size), "previous_class": ops.counters(batch_size, -1)}
 
-    def step(self, ops: Ops, state: State, logits: object, layer: int) -> tuple[object, object, State]:
+    def step(self, ops: Ops, state: State, logits: object, layer: int) -> tuple[object, State]:
         if "previous" in state:  # regression, in float64, where the difference of two float32 predictions is exact
             current = ops.value(logits)
             agrees = abs(current - state["previous"]) < (self.regression_threshold or 0.0)
@@ -678,7 +685,7 @@ class PatienceExit(ExitPolicy):
             new_state = {"previous_class": current}
         counter = ops.where(agrees, state["counter"] + 1, 0)
         exits = (counter == self.patience) if self.patience > 0 else ops.constant(logits, False)
-        return exits, logits, {"counter": counter, **new_state}
+        return exits, {"counter": counter, **new_state}
 
     def knob(self, num_layers: int, num_labels: int) -> Knob:
         return Knob("patience", 1, max(num_layers - 1, 1), faster_when="lower", integer=True)
@@ -712,8 +719,8 @@ class EntropyExit(ExitPolicy):
         # a negative threshold never exits: DeeBERT's own default, --early_exit_entropy -1
         _check_float("entropy threshold", self.threshold, low=-math.inf)
 
-    def step(self, ops: Ops, state: State, logits: object, layer: int) -> tuple[object, object, State]:
-        return ops.entropy(logits) < self.threshold, logits, state
+    def step(self, ops: Ops, state: State, logits: object, layer: int) -> tuple[object, State]:
+        return ops.entropy(logits) < self.threshold, state
 
     def knob(self, num_layers: int, num_labels: int) -> Knob:
         return Knob("threshold", 0.0, math.log(num_labels) + 1e-6, faster_when="higher")  # entropy <= ln C
@@ -739,8 +746,8 @@ class MaxProbExit(ExitPolicy):
     def _validate_params(self) -> None:
         _check_float("max-prob threshold", self.threshold, 0.0, 1.0)
 
-    def step(self, ops: Ops, state: State, logits: object, layer: int) -> tuple[object, object, State]:
-        return ops.max_prob(logits) >= self.threshold, logits, state
+    def step(self, ops: Ops, state: State, logits: object, layer: int) -> tuple[object, State]:
+        return ops.max_prob(logits) >= self.threshold, state
 
     def knob(self, num_layers: int, num_labels: int) -> Knob:
         return Knob("threshold", 0.0, 1.0, faster_when="lower")
@@ -820,7 +827,7 @@ class PCEEExit(ExitPolicy):
             state["members"] = ops.counters(batch_size)
         return state
 
-    def step(self, ops: Ops, state: State, logits: object, layer: int) -> tuple[object, object, State]:
+    def step(self, ops: Ops, state: State, logits: object, layer: int) -> tuple[object, State]:
         if self.tau is not None:
             confident = ops.normalized_entropy(logits) < self.tau
         else:
@@ -828,7 +835,7 @@ class PCEEExit(ExitPolicy):
         counter = ops.where(confident, state["counter"] + 1, 0)
         exits = (counter == self.patience) if self.patience > 0 else ops.constant(logits, False)
         if self.ensemble == "none" or self.patience == 0:
-            return exits, logits, {**state, "counter": counter}
+            return exits, {**state, "counter": counter}
         probs = ops.probs(logits)
         if self.ensemble == "pcee":  # the list restarts with this layer's probabilities at an unconfident layer
             member_probs = ops.where_rows(confident, ops.add_rows(state["member_probs"], probs), probs)
@@ -838,10 +845,14 @@ class PCEEExit(ExitPolicy):
         else:  # streak: the confident layers only
             member_probs = ops.where_rows(confident, ops.add_rows(state["member_probs"], probs), ops.zeros_like(probs))
             members = counter
-        answer = ops.log_mean_rows(member_probs, members)
-        if self.ensemble == "streak":
-            answer = ops.where_rows(exits, answer, logits)
-        return exits, answer, {"counter": counter, "member_probs": member_probs, "members": members}
+        return exits, {"counter": counter, "member_probs": member_probs, "members": members}
+
+    def answer(self, ops: Ops, state: State, logits: object, exits: object) -> object:
+        if self.ensemble == "none" or self.patience == 0:
+            return logits
+        mean = ops.log_mean_rows(state["member_probs"], state["members"])
+        # streak: a row that reaches the last layer without exiting answers with that layer's head
+        return ops.where_rows(exits, mean, logits) if self.ensemble == "streak" else mean
 
     @classmethod
     def from_flag_values(cls, values: dict[str, list]) -> list[ExitPolicy]:
@@ -932,7 +943,7 @@ class ELBERTExit(ExitPolicy):
     def init_state(self, ops: Ops, batch_size: int, num_labels: int) -> State:
         return {"window": ops.empty_window(batch_size, self.window, num_labels)}
 
-    def step(self, ops: Ops, state: State, logits: object, layer: int) -> tuple[object, object, State]:
+    def step(self, ops: Ops, state: State, logits: object, layer: int) -> tuple[object, State]:
         window = ops.push(state["window"], ops.probs(logits), self.window)
         exits = ops.normalized_entropy(logits) < self.delta
         if layer >= self.window:
@@ -946,7 +957,7 @@ class ELBERTExit(ExitPolicy):
             else:
                 window_ok = ops.all_below(others, bound) & (ops.spread(others) <= self.range_threshold)
             exits = exits | window_ok
-        return exits, logits, {"window": window}
+        return exits, {"window": window}
 
     @classmethod
     def from_flag_values(cls, values: dict[str, list]) -> list[ExitPolicy]:
@@ -1038,7 +1049,7 @@ class ExitTracker:
         if self.state is None:
             self.state = self.policy.init_state(TensorOps, logits.shape[0], logits.shape[-1])
             self.answer = torch.empty(self.active.numel(), logits.shape[-1])
-        exits, answer, self.state = self.policy.step(TensorOps, self.state, logits, layer)
+        exits, self.state = self.policy.step(TensorOps, self.state, logits, layer)
         running = self.active.numel()
         if layer >= self.num_layers:  # everyone still running exits at the last layer, with the policy's answer there
             num_exits = running
@@ -1046,6 +1057,7 @@ class ExitTracker:
             num_exits = int(exits.sum())
         if num_exits == 0:
             return None
+        answer = self.policy.answer(TensorOps, self.state, logits, exits)
         if num_exits == running:  # everyone left: nothing to compact
             self.exit_layer.index_fill_(0, self.active, layer)
             self.answer.index_copy_(0, self.active, answer.float())
@@ -1066,11 +1078,11 @@ class ExitTracker:
         row = read_row(logits)
         if self.state is None:
             self.state = self.policy.init_state(RowOps, 1, len(row))
-        exits, answer, self.state = self.policy.step(RowOps, self.state, row, layer)
+        exits, self.state = self.policy.step(RowOps, self.state, row, layer)
         if not (exits or layer >= self.num_layers):
             return None
         self.exit_layer[0] = layer
-        self.answer = torch.tensor([answer], dtype=torch.float32)
+        self.answer = torch.tensor([self.policy.answer(RowOps, self.state, row, exits)], dtype=torch.float32)
         self.active = self.active[:0]
         self._running = 0
         return _NO_ROW_LEFT

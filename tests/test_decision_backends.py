@@ -71,8 +71,10 @@ def test_every_step_is_identical_on_both_backends(case: tuple) -> None:
     row_states = [policy.init_state(RowOps, 1, num_labels) for _ in range(num_rows)]
     for depth in range(num_layers):
         logits = layer_logits[:, depth]
-        exits, answers, batch_state = policy.step(TensorOps, batch_state, logits, depth + 1)
+        exits, batch_state = policy.step(TensorOps, batch_state, logits, depth + 1)
+        answers = policy.answer(TensorOps, batch_state, logits, exits)
         for n, row in enumerate(logits.tolist()):
-            row_exits, row_answer, row_states[n] = policy.step(RowOps, row_states[n], row, depth + 1)
+            row_exits, row_states[n] = policy.step(RowOps, row_states[n], row, depth + 1)
+            row_answer = policy.answer(RowOps, row_states[n], row, row_exits)
             assert bool(exits[n]) == bool(row_exits), (policy.label(), depth + 1, n)
             assert torch.equal(answers[n].double(), torch.tensor(row_answer, dtype=torch.float64)), (policy, n)

@@ -37,8 +37,8 @@ def toy_policy() -> Iterator[type[ExitPolicy]]:
             PolicyFlag("--toy_threshold", "threshold", float, "toy class-0 probability thresholds (list)"),
         )
 
-        def step(self, ops: Ops, state: State, logits: object, layer: int) -> tuple[object, object, State]:
-            return ops.take(ops.probs(logits), 0) >= self.threshold, logits, state
+        def step(self, ops: Ops, state: State, logits: object, layer: int) -> tuple[object, State]:
+            return ops.take(ops.probs(logits), 0) >= self.threshold, state
 
         def knob(self, num_layers: int, num_labels: int) -> Knob:
             return Knob("threshold", 0.0, 1.0, faster_when="lower")
