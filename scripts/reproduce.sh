@@ -2,7 +2,8 @@
 # The GLUE study of the early-exit papers' claims on all-MiniLM-L6-v2 (results/), from scratch, resumable:
 #   1. choose learning rate and epochs per task on a held-out 10 % of the training set (never on dev);
 #   2. train and evaluate every (task, variant, seed) with those settings (see scripts/study.py for the variants);
-#   3. build results/tables.md, claims.md, summary.json and the plots from the saved per-layer dev logits.
+#   3. build results/tables.md, claims.md, summary.json and the plots from the saved per-layer dev logits, and
+#      results/stsb_by_genre.md (STS-B's single-exit Pearson per genre, from the same logits and the TSVs' genres).
 # Usage (in the background; interrupting it loses at most the steps since each run's last checkpoint):
 #   nohup bash scripts/reproduce.sh > runs/study/reproduce.log 2>&1 &
 # Environment: WORKERS [2] parallel runs of one torch thread each; SEEDS [1,2,3]; PHASES [1,2,3] (1: DeeBERT two-stage
@@ -17,3 +18,5 @@ mkdir -p runs/study
 "$PYTHON" scripts/study.py search
 "$PYTHON" scripts/study.py train
 "$PYTHON" scripts/analyze_results.py
+GLUE=${GLUE_DIR:-${MULTIEXIT_SHARED_DIR:-../shared}/data/glue}
+"$PYTHON" scripts/stsb_by_genre.py --data_dir "$GLUE/STS-B" --runs_dir runs/study

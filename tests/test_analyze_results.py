@@ -175,3 +175,36 @@ def test_any_depth(tmp_path: Path) -> None:
     assert summary["tasks"]["SST-2"]["per_layer"]["weighted-linear"]["12"]["values"][0] == pytest.approx(
         float((logits[:, 11].argmax(-1) == labels).mean()), abs=1e-6)
     assert "| 12 |" in (tmp_path / "results" / "tables.md").read_text()
+
+
+def test_stsb_by_genre_reports_each_genre_and_the_reweighted_score(tmp_path: Path) -> None:
+    """scripts/stsb_by_genre.py: per-genre Pearson as recomputed here, and dev re-weighted to train's genre mix lands
+    near the good genre's score when that genre dominates train."""
+    from scipy.stats import pearsonr
+
+    rng = np.random.default_rng(0)
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+    train_genres = ["main-news"] * 90 + ["main-forum"] * 10
+    dev_genres = ["main-news"] * 50 + ["main-forums"] * 50  # dev spells the forum genre with an s
+    for name, genres in (("train", train_genres), ("dev", dev_genres)):
+        rows = [f"{i}\t{g}\tf\t2012\t{i}\tnone\tnone\ta\tb\t{s:.3f}\n"
+                for i, (g, s) in enumerate(zip(genres, rng.uniform(0, 5, len(genres))))]
+        (tmp_path / f"{name}.tsv").write_text(header + "".join(rows), encoding="utf-8")
+    labels = np.array([float(line.split("\t")[-1]) for line in
+                       (tmp_path / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:]])
+    noise = np.where(np.arange(100) < 50, 0.3, 3.0) * rng.normal(size=100)  # news predicted well, forum badly
+    logits = np.repeat((labels + noise)[:, None, None], 6, axis=1)
+    write_run(tmp_path / "runs" / "STS-B" / "deebert2-linear" / "seed1", logits, labels.astype(np.float32))
+    output = tmp_path / "genres.md"
+    completed = subprocess.run([sys.executable, str(ROOT / "scripts" / "stsb_by_genre.py"), "--data_dir",
+                                str(tmp_path), "--runs_dir", str(tmp_path / "runs"), "--output", str(output)],
+                               capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    row = next(line for line in output.read_text(encoding="utf-8").splitlines() if line.startswith("| single exit"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    predictions = logits[:, -1, 0].astype(np.float32).astype(np.float64)
+    forum, news = pearsonr(predictions[50:], labels[50:])[0], pearsonr(predictions[:50], labels[:50])[0]
+    assert cells[2:5] == [f"{pearsonr(predictions, labels)[0]:.3f}", f"{forum:.3f}", f"{news:.3f}"]
+    reweighted = float(cells[5].split()[0])
+    assert pearsonr(predictions, labels)[0] < reweighted < news + 0.02
+    assert "| main-forum | 10 | 10 % | 50 | 50 % |" in output.read_text(encoding="utf-8")
