@@ -895,7 +895,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", default=None, help="markdown report (e.g. BENCHMARKS.md)")
     parser.add_argument("--json", default=None, help="raw results")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda adds the GPU section")
-    parser.add_argument("--models", default="minilm,bert-base")
+    parser.add_argument("--models", default="minilm,bert-base",
+                        help="models for (a)-(e); '' for the decision and overhead measurements alone (a minute)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU")
     parser.add_argument("--examples", type=int, default=24, help="batch-size-1 examples per regime")
     parser.add_argument("--batches", type=int, default=3, help="batches per regime for (c), (d)")
@@ -913,7 +914,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpu_section_on_cpu", action="store_true",
                         help="rehearse the GPU section's code on CPU (graphs not captured; the numbers mean nothing)")
     args = parser.parse_args(argv)
-    args.models = args.models.split(",")
+    args.models = [name for name in args.models.split(",") if name]
     args.exit_fractions = [float(f) for f in args.exit_fractions.split(",")]
     if args.smoke:
         args.models, args.examples, args.batches, args.batch_size, args.train_batch_size = ["tiny"], 3, 1, 4, 4
