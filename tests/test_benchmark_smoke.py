@@ -30,6 +30,7 @@ def test_every_measurement_ran(smoke: tuple[dict, str]) -> None:
     m = results["measurements"]
     assert set(m["decision"]["rows"]) >= {"budget", "pabee", "deebert", "maxprob", "pcee", "elbert"}
     assert set(m["overhead"]["rows"]) == {"pabee", "deebert", "maxprob", "pcee", "elbert"}
+    assert all(row["decision_cold_s"] > 0 and row["decision_warm_s"] > 0 for row in m["overhead"]["rows"].values())
     for key in ("a", "b", "c"):
         assert len(m[key]) == 2 and all(block["rows"] for block in m[key]), key  # real and long inputs
     assert len(m["d"]) == 1 and len(m["e"]) == 1
@@ -47,3 +48,11 @@ def test_report_has_every_section(smoke: tuple[dict, str]) -> None:
                     "## Batch size 1: the floor, (a) and (b)", "## (c) Batched early exit",
                     "## (d) Replay sweep and (e) training step", "python benchmarks/benchmark_exits.py --smoke"):
         assert heading in report, heading
+
+
+def test_decision_and_overhead_alone(tmp_path: Path) -> None:
+    """``--models ''``: only the two model-free measurements, and the report has no empty sections."""
+    benchmark_exits.main(["--smoke", "--models", "", "--output", str(tmp_path / "B.md")])
+    report = (tmp_path / "B.md").read_text()
+    assert "## The exit decision at batch size 1" in report and "decision cold" in report
+    assert "## (c) Batched early exit" not in report and "## Batch size 1: the floor" not in report
