@@ -40,6 +40,7 @@ class _BucketGraphs:
     logits: list[torch.Tensor] = field(default_factory=list)  # logits[d]: the exit logits after layer d
     mask: torch.Tensor | None = None
     token_weights: object = None
+    modules: object = None  # the model's LoopModules, resolved with the embeddings (once per pass when eager)
 
 
 class ExitGraphs:
@@ -98,10 +99,12 @@ class ExitGraphs:
     def _embed(self, graphs: _BucketGraphs) -> None:
         hidden, graphs.mask, graphs.token_weights = self.model._prepare(
             graphs.inputs[0], graphs.inputs[1], graphs.inputs[2], None, None)
+        graphs.modules = self.model.loop_modules()
         graphs.hidden = [hidden]
 
     def _layer(self, graphs: _BucketGraphs, depth: int) -> None:
-        hidden, logits = self.model._layer_step(depth, graphs.hidden[depth], graphs.mask, graphs.token_weights)
+        hidden, logits = self.model._layer_step(depth, graphs.hidden[depth], graphs.mask, graphs.token_weights,
+                                                graphs.modules)
         del graphs.hidden[depth + 1:], graphs.logits[depth:]
         graphs.hidden.append(hidden)
         graphs.logits.append(logits)

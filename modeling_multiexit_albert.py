@@ -37,9 +37,10 @@ class MultiExitAlbertForSequenceClassification(MultiExitMixin, AlbertPreTrainedM
         embeddings = super()._embed(input_ids, token_type_ids, position_ids, inputs_embeds)
         return self.albert.encoder.embedding_hidden_mapping_in(embeddings)
 
-    def _layer_at(self, depth: int) -> nn.Module:
+    def _layers(self) -> list[nn.Module]:
+        groups = list(self.albert.encoder.albert_layer_groups)
         layers_per_group = self.config.num_hidden_layers / self.config.num_hidden_groups
-        return self.albert.encoder.albert_layer_groups[int(depth / layers_per_group)]
+        return [groups[int(depth / layers_per_group)] for depth in range(self.config.num_hidden_layers)]
 
     def _pool(self, summary: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.albert.pooler(summary))  # AlbertModel: pooler, then pooler_activation, Tanh
