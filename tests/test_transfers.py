@@ -3,6 +3,8 @@
 Counted on CPU: every host read of the decision goes through :func:`exit_policies.read_row` (spied on here), and a
 TorchDispatchMode sees every tensor operation, including the ones that read a device value on the host
 (``item()``, ``bool()``, ``nonzero``, ...), which must not happen at all. A decision itself runs no tensor operation.
+The one host read that a CPU input gets and a GPU input does not, the all-ones test of a CPU attention mask in
+``MultiExitMixin._prepare`` (through numpy, on host memory), is no synchronisation: a mask on a GPU is never tested.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import BertConfig
+from transformers.masking_utils import create_bidirectional_mask
 
 import exit_policies
 from exit_policies import POLICIES, BudgetExit, ELBERTExit, EntropyExit, ExitTracker, PatienceExit, PCEEExit
@@ -123,3 +126,27 @@ def test_a_decision_runs_no_tensor_operation(read_counter: list[int], policy: ex
 
 def test_every_policy_is_covered() -> None:
     assert set(POLICIES) == {"budget", "pabee", "deebert", "maxprob", "pcee", "elbert"}
+
+
+def test_an_unpadded_cpu_mask_is_dropped_with_the_same_bits() -> None:
+    """A CPU attention mask without padding is dropped (the layers run unmasked, as in the stock model) and every
+    exit's logits are bit-identical to the masked pass; a padded mask is kept."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                        intermediate_size=37, num_labels=2)
+    model = MultiExitBertForSequenceClassification(config, exit_pooling="mean").eval()
+    ids = torch.randint(1, 50, (2, 9))
+    ones, padded = torch.ones_like(ids), torch.ones_like(ids)
+    padded[1, 6:] = 0
+    assert model._prepare(ids, ones, None, None, None)[1] is None
+    assert model._prepare(ids, padded, None, None, None)[1] is not None
+    with torch.no_grad():
+        unmasked = model(ids, ones).all_logits
+        hidden, _, weights = model._prepare(ids, ones, None, None, None)  # then the masked pass, forced
+        mask = create_bidirectional_mask(config=model.config, inputs_embeds=hidden, attention_mask=ones,
+                                         allow_is_bidirectional_skip=False)
+        modules, masked = model.loop_modules(), []
+        for depth in range(3):
+            hidden, logits = model._layer_step(depth, hidden, mask, weights, modules)
+            masked.append(logits)
+    assert torch.equal(unmasked, torch.stack(masked))
