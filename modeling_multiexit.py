@@ -5,7 +5,8 @@ A concrete model (BERT, RoBERTa, ALBERT) subclasses its HF ``*PreTrainedModel`` 
 
 * ``_embed(input_ids, token_type_ids, position_ids, inputs_embeds)``: the embedding output fed to layer 1;
 * ``_layers()``: the transformer layer (module) run at each depth, in order;
-* ``_pool(summary)``: the pretrained pooler applied to a [b, H] token summary (only for ``shared_pooler`` exits).
+* ``_pretrained_pooler()``: the pretrained pooler's dense layer, which ``shared_pooler`` exits read through a tanh
+  (None for a model without one).
 
 The backbone is found through HF's ``base_model_prefix`` (``self.bert``, ``self.albert``, ...).
 
@@ -131,7 +132,7 @@ class LoopModules:
     layers: list[nn.Module]  # layers[d]: the layer run at 0-indexed depth d
     heads: list[nn.Module]  # heads[d]: the exit after it
     pooling: str  # config.exit_pooling
-    pooled: bool  # the heads read the model's pretrained pooler
+    pooler: nn.Module | None  # the pretrained pooler's dense layer, when the heads read it (through a tanh)
 
 
 @dataclass
@@ -300,8 +301,15 @@ class MultiExitMixin:
         return list(self._backbone().encoder.layer)
 
     def _pool(self, summary: torch.Tensor) -> torch.Tensor:
-        """The pretrained pooler (dense + tanh) applied to a [b, H] token summary, for ``shared_pooler`` exits."""
-        raise NotImplementedError(f"{type(self).__name__} has no pretrained pooler; use another exit_head_type")
+        """The pretrained pooler (dense + tanh, as BERT's and ALBERT's) applied to a [b, H] token summary, for
+        ``shared_pooler`` exits."""
+        return torch.tanh(self._required_pooler()(summary))
+
+    def _required_pooler(self) -> nn.Linear:
+        pooler = self._pretrained_pooler()
+        if pooler is None:
+            raise NotImplementedError(f"{type(self).__name__} has no pretrained pooler; use another exit_head_type")
+        return pooler
 
     # ---- construction -----------------------------------------------------------------------------------------------
     def _init_exits(self, dropout: float, exit_settings: dict[str, object]) -> None:
@@ -469,13 +477,15 @@ class MultiExitMixin:
     def loop_modules(self) -> LoopModules:
         """The layers, exit heads and exit settings of one pass (see :class:`LoopModules`)."""
         layers, heads = self._layers(), list(self.exits)
-        return LoopModules(layers, heads if len(heads) > 1 else heads * len(layers), self.config.exit_pooling,
-                           self.config.exit_head_type in POOLED_HEAD_TYPES)
+        pooler = self._required_pooler() if self.config.exit_head_type in POOLED_HEAD_TYPES else None
+        return LoopModules(layers, heads if len(heads) > 1 else heads * len(layers), self.config.exit_pooling, pooler)
 
     def _exit_logits(self, depth: int, hidden_states: torch.Tensor, token_weights: TokenWeights | None,
                      modules: LoopModules) -> torch.Tensor:
         summary = self._token_summary(hidden_states, token_weights, modules.pooling)
-        return modules.heads[depth](self._pool(summary) if modules.pooled else summary)
+        if modules.pooler is not None:
+            summary = torch.tanh(modules.pooler(summary))
+        return modules.heads[depth](summary)
 
     def _layer_step(self, depth: int, hidden_states: torch.Tensor, mask: torch.Tensor | None,
                     token_weights: TokenWeights | None, modules: LoopModules) -> tuple[torch.Tensor, torch.Tensor]:

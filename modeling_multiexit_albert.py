@@ -42,8 +42,5 @@ class MultiExitAlbertForSequenceClassification(MultiExitMixin, AlbertPreTrainedM
         layers_per_group = self.config.num_hidden_layers / self.config.num_hidden_groups
         return [groups[int(depth / layers_per_group)] for depth in range(self.config.num_hidden_layers)]
 
-    def _pool(self, summary: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.albert.pooler(summary))  # AlbertModel: pooler, then pooler_activation, Tanh
-
     def _pretrained_pooler(self) -> nn.Linear:
-        return self.albert.pooler
+        return self.albert.pooler  # AlbertModel: this pooler, then pooler_activation, Tanh

@@ -8,7 +8,6 @@ the losses live in :mod:`modeling_multiexit`; its defaults for embeddings and la
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from transformers import BertConfig, BertModel, BertPreTrainedModel, RobertaConfig, RobertaModel, RobertaPreTrainedModel
 
@@ -31,11 +30,8 @@ class MultiExitBertForSequenceClassification(MultiExitMixin, BertPreTrainedModel
         self._init_exits(_classifier_dropout(config), exit_settings)
         self.post_init()
 
-    def _pool(self, summary: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.bert.pooler.dense(summary))  # BertPooler: dense, then its activation, Tanh
-
     def _pretrained_pooler(self) -> nn.Linear:
-        return self.bert.pooler.dense
+        return self.bert.pooler.dense  # BertPooler: this dense, then its activation, Tanh
 
 
 class MultiExitRobertaForSequenceClassification(MultiExitMixin, RobertaPreTrainedModel):
