@@ -15,28 +15,26 @@ usage: python results/exit_heads/cola_pooler_sharing.py [--study_runs results/ru
 """
 import argparse
 import statistics
+import sys
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import matthews_corrcoef, roc_auc_score
+import torch
+from sklearn.metrics import roc_auc_score
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+from analyze_results import Task, load  # noqa: E402 - the study's own loader and metric
+
 SEEDS = (1, 2, 3)
 
 
-def load(folder: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    logits, labels = folder / "layer_logits" / "final_dev_logits.npy", folder / "layer_logits" / "final_dev_labels.npy"
-    if not logits.exists():
-        return None
-    return np.load(logits), np.load(labels)
-
-
-def layer_scores(logits: np.ndarray, labels: np.ndarray) -> list[tuple[float, float]]:
+def layer_scores(task: Task, logits: torch.Tensor, labels: np.ndarray) -> list[tuple[float, float]]:
     """(MCC ×100, AUC ×100) of every layer's argmax / logit margin."""
     scores = []
     for layer in range(logits.shape[1]):
-        margin = logits[:, layer, 1] - logits[:, layer, 0]
-        mcc = matthews_corrcoef(labels, logits[:, layer].argmax(-1))
+        mcc = task.metric_fn(logits[:, layer].argmax(-1).numpy(), labels)["mcc"]
+        margin = (logits[:, layer, 1] - logits[:, layer, 0]).numpy()
         scores.append((100 * mcc, 100 * roc_auc_score(labels, margin)))
     return scores
 
@@ -46,21 +44,22 @@ def main() -> None:
     parser.add_argument("--study_runs", type=Path, default=ROOT / "results" / "runs")
     parser.add_argument("--experiment_runs", type=Path, default=ROOT / "results" / "exit_heads" / "runs")
     args = parser.parse_args()
-    variants = {  # name: (folder, the single-exit model it is paired with)
-        "single exit, shared pooler": (args.study_runs / "CoLA" / "deebert2-shared_pooler", None),
-        "weighted joint, shared pooler (one for all exits)": (args.study_runs / "CoLA" / "weighted-shared_pooler",
+    study, experiment = load(str(args.study_runs))["CoLA"], load(str(args.experiment_runs))["CoLA"]
+    variants = {  # name: (the runs, their variant folder, the single-exit model it is paired with)
+        "single exit, shared pooler": (study, "deebert2-shared_pooler", None),
+        "weighted joint, shared pooler (one for all exits)": (study, "weighted-shared_pooler",
                                                                "single exit, shared pooler"),
-        "weighted joint, a pooler copy per exit": (args.experiment_runs / "CoLA" / "weighted-pooler",
-                                                   "single exit, shared pooler"),
-        "single exit, linear": (args.study_runs / "CoLA" / "deebert2-linear", None),
-        "weighted joint, linear": (args.study_runs / "CoLA" / "weighted-linear", "single exit, linear"),
+        "weighted joint, a pooler copy per exit": (experiment, "weighted-pooler", "single exit, shared pooler"),
+        "single exit, linear": (study, "deebert2-linear", None),
+        "weighted joint, linear": (study, "weighted-linear", "single exit, linear"),
     }
-    scores = {name: {seed: layer_scores(*run) for seed in SEEDS if (run := load(folder / f"seed{seed}")) is not None}
-              for name, (folder, _) in variants.items()}
+    scores = {name: {seed: layer_scores(runs, *runs.runs[variant][seed])
+                     for seed in SEEDS if seed in runs.runs.get(variant, {})}
+              for name, (runs, variant, _) in variants.items()}
 
     print("| model | seed | last-layer MCC | last-layer AUC | MCC − single exit (same pooler) |")
     print("|---|---:|---:|---:|---:|")
-    for name, (_, single) in variants.items():
+    for name, (_, _, single) in variants.items():
         for seed, per_layer in scores[name].items():
             mcc, auc = per_layer[-1]
             paired = ""
