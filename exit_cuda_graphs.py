@@ -76,8 +76,7 @@ class ExitGraphs:
             self._run_layer(graphs, depth)  # the graph holds the layer and its exit head together
             if depth + 1 < tracker.first_read_layer:  # read nothing the policy does not read
                 continue
-            tracker.update(graphs.logits[depth], depth + 1)
-            if tracker.done:
+            if tracker.update(graphs.logits[depth], depth + 1) is not None and tracker.done:
                 break
 
     # ---- inputs --------------------------------------------------------------------------------------------------

@@ -106,6 +106,11 @@ class TensorOps:
         return TensorOps.entropy(logits) / math.log(logits.shape[-1])
 
     @staticmethod
+    def probs_and_normalized_entropy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(probs(logits), normalized_entropy(logits))``, which RowOps computes in one pass."""
+        return TensorOps.probs(logits), TensorOps.normalized_entropy(logits)
+
+    @staticmethod
     def max_prob(logits: torch.Tensor) -> torch.Tensor:
         return 1.0 / TensorOps._shifted_exp(logits)[2]
 
@@ -194,45 +199,47 @@ class TensorOps:
 class RowOps:
     """The one row of batch size 1 as Python floats: logits and class rows are lists, values are floats.
 
-    Written for speed (a decision must cost a few microseconds): list comprehensions, no tensors, and the shifted
-    exponentials of the last logits row cached, since a rule often asks for several measures of one row."""
-
-    _last_logits: object = None
-    _last_shifted: tuple[list[float], list[float], float] | None = None
+    Written for speed right after a layer, when the CPU's caches hold the layer's code and data and every distinct
+    function, builtin or object a decision touches is a cache miss (~0.5-1 µs each, measured on this project's CPU:
+    a decision costs 3-5x its warm time there). So each measure is one loop of plain float arithmetic: no builtin
+    calls (max, min, len, range), no temporary lists where a running total will do, and no cache of the last row's
+    exponentials (keeping one cost more than computing the exponentials twice)."""
 
     @staticmethod
-    def _shifted_exp(logits: list[float]) -> tuple[list[float], list[float], float]:
-        if logits is RowOps._last_logits:
-            return RowOps._last_shifted
-        top = max(logits)
-        if not (-_LOGIT_BOUND < top < _LOGIT_BOUND and min(logits) > -_LOGIT_BOUND):  # ±inf (fp16 overflow), NaN
-            logits_ = [min(max(value, -_LOGIT_BOUND), _LOGIT_BOUND) for value in logits]
-            top = max(logits_)
-        else:
-            logits_ = logits
-        # one loop, not three comprehensions: this is most of a decision's cost. The total adds in class order, as
-        # TensorOps does (not sum(): it compensates from Python 3.12 on); 0.0 + e_0 is exactly e_0
-        z, e, total = [], [], 0.0
-        for value in logits_:
-            shifted = value - top
-            z.append(shifted)
-            exponential = _exp(shifted)
-            e.append(exponential)
-            total += exponential
-        RowOps._last_logits, RowOps._last_shifted = logits, (z, e, total)
-        return z, e, total
+    def _top(logits: list[float]) -> tuple[float, list[float]]:
+        """(max of the logits, the logits), with ±inf (fp16 overflow) clamped to ±_LOGIT_BOUND as TensorOps does. A
+        NaN logit makes every measure NaN, as in TensorOps, whichever maximum is taken."""
+        top = low = logits[0]
+        for value in logits:
+            if value > top:
+                top = value
+            elif value < low:
+                low = value
+        if -_LOGIT_BOUND < top < _LOGIT_BOUND and low > -_LOGIT_BOUND:
+            return top, logits
+        bounded = [min(max(value, -_LOGIT_BOUND), _LOGIT_BOUND) for value in logits]
+        return max(bounded), bounded
 
+    # The totals below add in class order, as TensorOps' _ordered_sum does (not sum(): it compensates from Python 3.12
+    # on). They start at 0.0, and 0.0 + x is exactly x (0.0 + -0.0 is 0.0, which changes no result below).
     @staticmethod
     def probs(logits: list[float]) -> list[float]:
-        _, e, total = RowOps._shifted_exp(logits)
-        return [value / total for value in e]
+        top, logits = RowOps._top(logits)
+        exponentials = [_exp(value - top) for value in logits]
+        total = 0.0
+        for exponential in exponentials:
+            total += exponential
+        return [exponential / total for exponential in exponentials]
 
     @staticmethod
     def entropy(logits: list[float]) -> float:
-        z, e, total = RowOps._shifted_exp(logits)
-        weighted = e[0] * z[0]
-        for index in range(1, len(e)):
-            weighted += e[index] * z[index]
+        top, logits = RowOps._top(logits)
+        total = weighted = 0.0
+        for value in logits:
+            shifted = value - top
+            exponential = _exp(shifted)
+            total += exponential
+            weighted += exponential * shifted
         return _log(total) - weighted / total
 
     @staticmethod
@@ -240,15 +247,35 @@ class RowOps:
         return RowOps.entropy(logits) / _log(len(logits))
 
     @staticmethod
+    def probs_and_normalized_entropy(logits: list[float]) -> tuple[list[float], float]:
+        # probs' and entropy's loops fused: the same operations in the same order, so the same numbers
+        top, logits = RowOps._top(logits)
+        exponentials = []
+        total = weighted = 0.0
+        for value in logits:
+            shifted = value - top
+            exponential = _exp(shifted)
+            exponentials.append(exponential)
+            total += exponential
+            weighted += exponential * shifted
+        probs = [exponential / total for exponential in exponentials]
+        return probs, (_log(total) - weighted / total) / _log(len(logits))
+
+    @staticmethod
     def max_prob(logits: list[float]) -> float:
-        return 1.0 / RowOps._shifted_exp(logits)[2]
+        top, logits = RowOps._top(logits)
+        total = 0.0
+        for value in logits:
+            total += _exp(value - top)
+        return 1.0 / total
 
     @staticmethod
     def argmax(row: list[float]) -> int:
-        best, best_value = 0, row[0]  # the first of equal maxima, as torch.argmax
-        for index in range(1, len(row)):
-            if row[index] > best_value:
-                best, best_value = index, row[index]
+        best, best_value, index = 0, row[0], 0  # the first of equal maxima, as torch.argmax
+        for value in row:
+            if value > best_value:
+                best, best_value = index, value
+            index += 1
         return best
 
     @staticmethod
@@ -313,10 +340,11 @@ class RowOps:
         # in class order, as TensorOps adds (its masked-out class adds 0.0, which changes no total of probabilities)
         result = []
         for row in window:
-            total = 0.0
-            for index in range(len(row)):
+            total, index = 0.0, 0
+            for value in row:
                 if index != column:
-                    total += row[index]
+                    total += value
+                index += 1
             result.append(total)
         return result
 
@@ -329,9 +357,11 @@ class RowOps:
 
     @staticmethod
     def nonincreasing(sequence: list[float]) -> bool:
-        for index in range(1, len(sequence)):
-            if not sequence[index] <= sequence[index - 1]:
+        previous = None
+        for value in sequence:
+            if previous is not None and not value <= previous:
                 return False
+            previous = value
         return True
 
     @staticmethod
@@ -944,8 +974,9 @@ class ELBERTExit(ExitPolicy):
         return {"window": ops.empty_window(batch_size, self.window, num_labels)}
 
     def step(self, ops: Ops, state: State, logits: object, layer: int) -> tuple[object, State]:
-        window = ops.push(state["window"], ops.probs(logits), self.window)
-        exits = ops.normalized_entropy(logits) < self.delta
+        probs, normalized_entropy = ops.probs_and_normalized_entropy(logits)
+        window = ops.push(state["window"], probs, self.window)
+        exits = normalized_entropy < self.delta
         if layer >= self.window:
             start_class = ops.argmax(ops.first(window))
             others = ops.others(window, start_class)  # 1 − p_c at each window layer
@@ -1029,8 +1060,13 @@ class ExitTracker:
         # the loop runs layers below this one without their exit heads and does not call update() there
         self.first_read_layer = min(policy.first_read_layer(), num_layers)
         self.one_row = batch_size == 1
-        self.active = torch.arange(batch_size)
-        self.exit_layer = torch.zeros(batch_size, dtype=torch.long)
+        if self.one_row:
+            # shared constants until the row exits, then fresh tensors: batch-size-1 early exit makes a tracker per
+            # input, and two tensor constructions there cost ~20 µs right after a pass of layers (cold caches)
+            self.active, self.exit_layer = _ONE_ROW, _ONE_ROW_NOT_EXITED
+        else:
+            self.active = torch.arange(batch_size)
+            self.exit_layer = torch.zeros(batch_size, dtype=torch.long)
         self.answer: torch.Tensor | None = None
         self.state: State | None = None
         self._running = batch_size
@@ -1081,13 +1117,17 @@ class ExitTracker:
         exits, self.state = self.policy.step(RowOps, self.state, row, layer)
         if not (exits or layer >= self.num_layers):
             return None
-        self.exit_layer[0] = layer
+        self.exit_layer = torch.tensor([layer])
         self.answer = torch.tensor([self.policy.answer(RowOps, self.state, row, exits)], dtype=torch.float32)
-        self.active = self.active[:0]
+        self.active = _NO_ROWS
         self._running = 0
         return _NO_ROW_LEFT
 
 
+# a one-row tracker's tensors before its row exits, shared (never written in place: they are only ever replaced)
+_ONE_ROW = torch.zeros(1, dtype=torch.long)  # active: row 0
+_ONE_ROW_NOT_EXITED = torch.zeros(1, dtype=torch.long)  # exit_layer: 0 until the row exits
+_NO_ROWS = torch.zeros(0, dtype=torch.long)  # active once it has exited
 _NO_ROW_LEFT = torch.zeros(1, dtype=torch.bool)
 
 

@@ -32,6 +32,13 @@ def test_measures_are_bit_identical(values: np.ndarray) -> None:
     probs = TensorOps.probs(logits)
     assert np.array_equal(probs.numpy(), np.array([RowOps.probs(row) for row in rows]), equal_nan=True)
     assert TensorOps.argmax(logits).tolist() == [RowOps.argmax(row) for row in rows]
+    # the fused measure (one pass in RowOps) gives exactly what the two separate ones give, in both backends
+    fused_probs, fused_entropy = TensorOps.probs_and_normalized_entropy(logits)
+    assert torch.equal(fused_probs.isnan(), probs.isnan()) and torch.equal(fused_probs.nan_to_num(), probs.nan_to_num())
+    for row, batched_entropy in zip(rows, fused_entropy.tolist()):
+        row_probs, row_entropy = RowOps.probs_and_normalized_entropy(row)
+        assert np.array_equal(row_probs, RowOps.probs(row), equal_nan=True)
+        assert np.array_equal([row_entropy, batched_entropy], [RowOps.normalized_entropy(row)] * 2, equal_nan=True)
     window = probs[:, None, :].expand(-1, 3, -1)
     column = TensorOps.argmax(probs)
     others = TensorOps.others(window, column).tolist()
