@@ -864,7 +864,9 @@ class PCEEExit(ExitPolicy):
             confident = ops.max_prob(logits) >= self.maxprob
         counter = ops.where(confident, state["counter"] + 1, 0)
         exits = (counter == self.patience) if self.patience > 0 else ops.constant(logits, False)
-        if self.ensemble == "none" or self.patience == 0:
+        if self.ensemble == "none":
+            return exits, {"counter": counter}
+        if self.patience == 0:
             return exits, {**state, "counter": counter}
         probs = ops.probs(logits)
         if self.ensemble == "pcee":  # the list restarts with this layer's probabilities at an unconfident layer
@@ -1076,8 +1078,21 @@ class ExitTracker:
         return self._running == 0
 
     def update(self, logits: torch.Tensor, layer: int) -> torch.Tensor | None:
-        if self.one_row:
-            return self._update_one_row(logits, layer)
+        if self.one_row:  # here, not in a method of its own: batch size 1 pays every call right after a layer
+            row = read_row(logits)
+            if self.state is None:
+                self.state = self.policy.init_state(RowOps, 1, len(row))
+            exits, self.state = self.policy.step(RowOps, self.state, row, layer)
+            if not (exits or layer >= self.num_layers):
+                return None
+            self.exit_layer = torch.tensor([layer])
+            self.answer = torch.tensor([self.policy.answer(RowOps, self.state, row, exits)], dtype=torch.float32)
+            self.active = _NO_ROWS
+            self._running = 0
+            return _NO_ROW_LEFT
+        return self._update_batch(logits, layer)
+
+    def _update_batch(self, logits: torch.Tensor, layer: int) -> torch.Tensor | None:
         # This runs after every layer, so it is kept to few tensor operations: one copy to the host, one host read
         # of the number of exits, and no compaction when nobody or everybody leaves.
         if logits.requires_grad or not logits.is_cpu:
@@ -1109,19 +1124,6 @@ class ExitTracker:
         self.state = compact_state(self.state, keep)
         self._running = self.active.numel()
         return keep
-
-    def _update_one_row(self, logits: torch.Tensor, layer: int) -> torch.Tensor | None:
-        row = read_row(logits)
-        if self.state is None:
-            self.state = self.policy.init_state(RowOps, 1, len(row))
-        exits, self.state = self.policy.step(RowOps, self.state, row, layer)
-        if not (exits or layer >= self.num_layers):
-            return None
-        self.exit_layer = torch.tensor([layer])
-        self.answer = torch.tensor([self.policy.answer(RowOps, self.state, row, exits)], dtype=torch.float32)
-        self.active = _NO_ROWS
-        self._running = 0
-        return _NO_ROW_LEFT
 
 
 # a one-row tracker's tensors before its row exits, shared (never written in place: they are only ever replaced)
