@@ -503,6 +503,13 @@ def measure_overhead(args: argparse.Namespace) -> dict:
     return {"calls": args.overhead_calls, "load_average": load_now(), "rows": rows}
 
 
+def perfect_early_exit_s(exit_layers: list[float], depths: list[int], cut_per_example: np.ndarray) -> float:
+    """What a perfect early exit would take: Σ over examples of the stock model cut at the example's own exit layer,
+    ``cut_per_example[j, i]`` being example i's time cut to ``depths[j]`` layers (linear in depth in between)."""
+    return float(sum(np.interp(float(layer), depths, cut_per_example[:, example])
+                     for example, layer in enumerate(exit_layers)))
+
+
 @torch.no_grad()
 def measure_bs1(pair: ModelPair, regime: Regime, policies: list[ExitPolicy], args: argparse.Namespace,
                 device: torch.device, cuda_graphs: bool = False) -> dict:
@@ -539,17 +546,26 @@ def measure_bs1(pair: ModelPair, regime: Regime, policies: list[ExitPolicy], arg
                       "stock_cut_speedup_over_layer_speedup": stock_full.wall_s / cut / (num_layers / k),
                       "pass": passes("floor", early / cut)})
     per_layer_s = (stock_full.wall_s - timings["stock 1 layers"].wall_s) / max(num_layers - 1, 1) / len(inputs)
+    # each example's stock times cut at the measured depths (median of repeats), to price a perfect early exit
+    cut_per_example = np.stack([np.median(np.array(timings[f"stock {k} layers"].wall), axis=0) for k in depths])
     rows = []
     for policy in policies:
-        avg = float(torch.cat([r.cpu() for r in results[policy.label()]]).float().mean())
+        exits = torch.cat([r.cpu() for r in results[policy.label()]]).float()
+        avg = float(exits.mean())
         t = timings[policy.label()]
         layer_speedup = num_layers / avg
-        # what a perfect early exit would take here: the floor of the depths it leaves at, interpolated linearly
+        # a perfect early exit: each example costs the stock model cut at its own exit layer (interpolated linearly
+        # in depth between the measured cuts). Below L / avg where the embeddings and classifier weigh (early exits,
+        # small models) and where longer inputs, whose layers cost more, exit later (real lengths)
+        perfect_s = perfect_early_exit_s(exits.tolist(), depths, cut_per_example)
         row = {"policy": policy.name, "setting": policy.label(), "avg_exit_layer": avg, "layer_speedup": layer_speedup,
                "wall_s": t.wall_s, "wall_speedup": stock_full.wall_s / t.wall_s,
                "ratio": stock_full.wall_s / t.wall_s / layer_speedup,
-               "ratio_min": stock_full.wall_min_s / t.wall_min_s / layer_speedup}
+               "ratio_min": stock_full.wall_min_s / t.wall_min_s / layer_speedup,
+               "perfect_s": perfect_s, "perfect_speedup": stock_full.wall_s / perfect_s,
+               "floor_ratio": t.wall_s / perfect_s}
         row["pass"] = passes("a", row["ratio"])
+        row["floor_pass"] = passes("floor", row["floor_ratio"])
         rows.append(row)
     return {"model": pair.name, "regime": regime.name, "examples": len(inputs), "repeats": args.repeats,
             "cuda_graphs": cuda_graphs,
@@ -763,6 +779,16 @@ def summary_lines(results: dict) -> list[str]:
         lines.append(f"| {key}: {TARGETS[key][2]} | {where} | {fmt(statistics.median(values))} | {fmt(worst)} | "
                      f"{sum(passed)}/{len(passed)} | {target} | {verdict(all(passed))} |")
 
+    def add_a(where: str, rows: list[dict]) -> None:
+        """(a), where the issue lets the floor decide: a setting below 0.95 whose early exit is within the floor's
+        1.03 of a perfect one (each example at its own exit layer on the stock model cut there) is short of L / avg
+        only by what no implementation can avoid; the verdict counts it, and says how many it counted so."""
+        add("a", where, [r["ratio"] for r in rows], [r["pass"] or r.get("floor_pass", False) for r in rows],
+            lambda v: f"{v:.3f}")
+        by_floor = sum(1 for r in rows if not r["pass"] and r.get("floor_pass", False))
+        if by_floor:
+            lines[-1] = lines[-1][: -len(" |")] + f" ({by_floor} by the floor) |"
+
     for key in ("decision", "overhead"):
         if key in m:
             rows = list(m[key]["rows"].values())
@@ -772,7 +798,9 @@ def summary_lines(results: dict) -> list[str]:
     for block in m["a"]:
         add("floor", f"{block['model']} / {block['regime']}", [r["ratio"] for r in block["floor"]],
             [r["pass"] for r in block["floor"]], lambda v: f"{v:.3f}")
-    for key in ("a", "b", "c"):
+    for block in m["a"]:
+        add_a(f"{block['model']} / {block['regime']}", block["rows"])
+    for key in ("b", "c"):
         for block in m[key]:
             add(key, f"{block['model']} / {block['regime']}", [r["ratio"] for r in block["rows"]],
                 [r["pass"] for r in block["rows"]], lambda v: f"{v:.3f}")
@@ -785,8 +813,7 @@ def summary_lines(results: dict) -> list[str]:
             where = f"CUDA {block['model']} / {block['regime']}, {'graphs' if block['cuda_graphs'] else 'eager'}"
             add("floor", where, [r["ratio"] for r in block["floor"]], [r["pass"] for r in block["floor"]],
                 lambda v: f"{v:.3f}")
-            add("a", where, [r["ratio"] for r in block["rows"]], [r["pass"] for r in block["rows"]],
-                lambda v: f"{v:.3f}")
+            add_a(where, block["rows"])
         for block in cuda["b"]:
             where = f"CUDA {block['model']}, {'graphs' if block['cuda_graphs'] else 'eager'}"
             add("b", where, [r["ratio"] for r in block["rows"]], [r["pass"] for r in block["rows"]],
@@ -812,11 +839,19 @@ def bs1_lines(block: dict) -> list[str]:
         lines.append(f"| {row['k']} | {ms(row['early_exit_s'] / block['examples'])} ms | "
                      f"{ms(row['stock_cut_s'] / block['examples'])} ms | {row['ratio']:.3f} | "
                      f"{row['stock_cut_speedup_over_layer_speedup']:.3f} | {verdict(row['pass'])} |")
-    lines += ["", "| policy | setting | avg exit | L/avg | wall speed-up | (a) ratio | ratio (min of repeats) | |",
-              "|---|---|---:|---:|---:|---:|---:|---|"]
+    lines += ["", "(a) per setting, and against a perfect early exit: each example on the stock model cut at its own "
+              "exit layer (interpolated in depth between the cuts above, per example). Its speed-up falls short of "
+              "L / avg where the embeddings and classifier weigh (early exits on a small model) and where longer "
+              "inputs, whose layers cost more, exit later (real lengths). A setting below 0.95 passes by the floor "
+              "when early exit is within 1.03 of that perfect one.", "",
+              "| policy | setting | avg exit | L/avg | wall speed-up | (a) ratio | ratio (min of repeats) | "
+              "perfect speed-up | ÷ perfect early exit | |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in block["rows"]:
+        decided = verdict(r["pass"]) if r["pass"] or not r.get("floor_pass") else "PASS (floor)"
         lines.append(f"| {r['policy']} | `{r['setting']}` | {r['avg_exit_layer']:.2f} | {r['layer_speedup']:.2f} | "
-                     f"{r['wall_speedup']:.2f} | {r['ratio']:.3f} | {r['ratio_min']:.3f} | {verdict(r['pass'])} |")
+                     f"{r['wall_speedup']:.2f} | {r['ratio']:.3f} | {r['ratio_min']:.3f} | "
+                     f"{r['perfect_speedup']:.2f} | {r['floor_ratio']:.3f} | {decided} |")
     return lines + [""]
 
 

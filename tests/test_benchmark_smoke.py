@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +41,17 @@ def test_every_measurement_ran(smoke: tuple[dict, str]) -> None:
     values += [r["ratio"] for block in m["a"] for r in block["floor"]] + [m["d"][0]["ratio"], m["e"][0]["ratio"]]
     assert all(math.isfinite(v) and v > 0 for v in values)
     assert [row["k"] for row in m["a"][0]["floor"]] == [1, 6, 12]
+    for row in (r for block in m["a"] for r in block["rows"]):  # (a) against a perfect early exit
+        assert row["perfect_s"] > 0 and math.isclose(row["floor_ratio"], row["wall_s"] / row["perfect_s"])
+
+
+def test_perfect_early_exit_prices_each_example_at_its_own_depth() -> None:
+    # two examples, cut to 1, 6 and 12 layers: the second (a longer input) costs twice as much per layer
+    cut = np.array([[2.0, 3.0], [7.0, 13.0], [13.0, 25.0]])
+    depths = [1, 6, 12]
+    assert benchmark_exits.perfect_early_exit_s([1.0, 12.0], depths, cut) == 2.0 + 25.0
+    assert benchmark_exits.perfect_early_exit_s([12.0, 1.0], depths, cut) == 13.0 + 3.0
+    assert math.isclose(benchmark_exits.perfect_early_exit_s([3.0, 9.0], depths, cut), 4.0 + 19.0)
 
 
 def test_report_has_every_section(smoke: tuple[dict, str]) -> None:
