@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -63,8 +64,15 @@ def test_report_has_every_section(smoke: tuple[dict, str]) -> None:
 
 
 def test_decision_and_overhead_alone(tmp_path: Path) -> None:
-    """``--models ''``: only the two model-free measurements, and the report has no empty sections."""
-    benchmark_exits.main(["--smoke", "--models", "", "--output", str(tmp_path / "B.md")])
+    """``--models ''``: only the two model-free measurements, and the report has no empty sections; the overhead in
+    two fresh processes, whose medians it reports beside each process's value."""
+    results = benchmark_exits.main(["--smoke", "--models", "", "--overhead_processes", "2",
+                                    "--output", str(tmp_path / "B.md")])
+    overhead = results["measurements"]["overhead"]
+    assert overhead["processes"] == 2
+    for row in overhead["rows"].values():
+        each = row["per_process_overhead_per_layer_s"]
+        assert len(each) == 2 and row["overhead_per_layer_s"] == statistics.median(each)
     report = (tmp_path / "B.md").read_text()
     assert "## The exit decision at batch size 1" in report and "decision cold" in report
     assert "## (c) Batched early exit" not in report and "## Batch size 1: the floor" not in report
