@@ -1013,7 +1013,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="raw results")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda adds the GPU section")
     parser.add_argument("--models", default="minilm,bert-base",
-                        help="models for (a)-(e); '' for the decision and overhead measurements alone (a minute)")
+                        help="models for (a)-(e); '' for the decision and overhead measurements alone (3 minutes)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU")
     parser.add_argument("--examples", type=int, default=24, help="batch-size-1 examples per regime")
     parser.add_argument("--batches", type=int, default=3, help="batches per regime for (c), (d)")
