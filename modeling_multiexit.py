@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -135,12 +136,16 @@ class LoopModules:
     pooler: nn.Module | None  # the pretrained pooler's dense layer, when the heads read it (through a tanh)
 
 
-@dataclass
-class EarlyExitOutput(ModelOutput):
-    """``logits`` [batch, num_labels] are each row's answer at its exit layer; ``exit_layers`` [batch] are 1-indexed."""
+class EarlyExitOutput(NamedTuple):
+    """``logits`` [batch, num_labels] are each row's answer at its exit layer; ``exit_layers`` [batch] are 1-indexed.
 
-    logits: torch.Tensor | None = None
-    exit_layers: torch.Tensor | None = None
+    A named tuple, not an HF ``ModelOutput`` (which ``forward`` returns): batch-size-1 early exit builds one per input,
+    and a ModelOutput's construction (its ``__post_init__`` and ``__setattr__`` look up the dataclass fields each
+    time) cost ~15 µs right after a pass of layers, more than a whole exit decision. Attribute access, indexing and
+    unpacking (``logits, exit_layers = model.early_exit(...)``) work as on a ModelOutput's ``to_tuple()``."""
+
+    logits: torch.Tensor
+    exit_layers: torch.Tensor
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -588,7 +593,6 @@ class MultiExitMixin:
             object.__setattr__(self, "_exit_graphs", graphs)  # not a submodule: no state dict, no .to()
         return graphs
 
-    @torch.no_grad()
     def early_exit(
         self,
         input_ids: torch.Tensor | None = None,
@@ -604,6 +608,12 @@ class MultiExitMixin:
         At batch size 1 this is the seeds' inference mode; for larger batches exited rows leave the batch, so each
         row gets exactly the exit layer and answer it would get alone. ``cuda_graphs`` (batch size 1 on a GPU) replays
         each layer and its exit from a CUDA graph captured per sequence-length bucket (:mod:`exit_cuda_graphs`)."""
+        if torch.is_grad_enabled():
+            # early exit never trains. An eval loop calls it in no_grad or inference mode already; there it skips the
+            # context manager, which a decorator would enter per input (~15 µs right after a pass of layers)
+            with torch.no_grad():
+                return self.early_exit(input_ids, attention_mask, token_type_ids, policy, position_ids, inputs_embeds,
+                                       cuda_graphs)
         if policy is None:
             raise ValueError("early_exit needs an ExitPolicy")
         # a batch-size-1 sweep calls this once per input with the same policy: validate it (and read the config)

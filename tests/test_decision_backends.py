@@ -39,10 +39,10 @@ def test_measures_are_bit_identical(values: np.ndarray) -> None:
         row_probs, row_entropy = RowOps.probs_and_normalized_entropy(row)
         assert np.array_equal(row_probs, RowOps.probs(row), equal_nan=True)
         assert np.array_equal([row_entropy, batched_entropy], [RowOps.normalized_entropy(row)] * 2, equal_nan=True)
-    window = probs[:, None, :].expand(-1, 3, -1)
-    column = TensorOps.argmax(probs)
-    others = TensorOps.others(window, column).tolist()
-    assert others == [list(RowOps.others([RowOps.probs(row)] * 3, RowOps.argmax(RowOps.probs(row)))) for row in rows]
+    # a window whose entries differ (the start class is the first entry's argmax, not the last's)
+    window = torch.stack([probs, probs.flip(-1), probs], dim=1)
+    others = TensorOps.start_class_others(window).tolist()
+    assert others == [RowOps.start_class_others(entries) for entries in window.tolist()]
 
 
 @settings(max_examples=200, deadline=None)
