@@ -238,6 +238,12 @@ def test_forward_shapes_every_model_and_head(kind, head_type, num_labels):
     assert early.logits.shape == (batch_size, num_labels)
     assert early.exit_layers.shape == (batch_size,)
     assert early.exit_layers.tolist() == [2] * batch_size
+    # called with autograd on (the model is in eval mode, the caller not in no_grad), early exit records no graph,
+    # and it returns the same as in no_grad; its output unpacks as (logits, exit_layers)
+    assert torch.is_grad_enabled() and not early.logits.requires_grad
+    with torch.no_grad():
+        logits, exit_layers = model.early_exit(**batch, policy=policy)
+    assert torch.equal(logits, early.logits) and torch.equal(exit_layers, early.exit_layers)
 
 
 def test_default_exit_heads():
