@@ -24,7 +24,9 @@ Measurements and targets (TARGETS):
   exits below k cost a rule that reads them is in (a) and the overhead;
 * (a) batch size 1: wall-clock speed-up over the stock full-depth model, divided by the layer speed-up L / avg exit;
   beside it, early exit against a perfect one (each example on the stock model cut at its own exit layer), which
-  decides a setting below 0.95 as the floor does, and the price of reading one exit (head and decision) per layer;
+  decides a setting below 0.95 as the floor does, and the price of reading one exit (head and decision) per layer,
+  of which the exit head alone (the all-exits forward against the stock full depth); and, with no target, early exit
+  against a perfect one that also pays the exit heads the setting reads below its exit layer;
 * (b) the decision per layer as a fraction of one layer's time (bs 1);
 * (c) batch size 32: early-exit throughput over full-depth throughput, divided by L / avg exit;
 * (d) a 100-setting offline replay sweep over one full-depth eval pass;
@@ -573,6 +575,10 @@ def measure_bs1(pair: ModelPair, regime: Regime, policies: list[ExitPolicy], arg
     # which reads only layer L's: the price of an exit (its head and the decision) at each of the other L − 1 layers
     every_exit = PatienceExit(patience=max(num_layers - 1, 1))
     variants["every exit"] = early_run(every_exit)
+    if not cuda_graphs:
+        # the all-exits forward (every head, no decision) against the stock full depth (one classifier): what one
+        # more exit head costs by itself, the part of an exit read that belongs to the model, not to early exit
+        variants["all exits"] = lambda i: pair.ours(**inputs[i]).logits
     load_before = load_now()
     timings, results = interleaved(variants, len(inputs), args.repeats, device, warmup=2)
     stock_full = timings[f"stock {num_layers} layers"]
@@ -585,6 +591,8 @@ def measure_bs1(pair: ModelPair, regime: Regime, policies: list[ExitPolicy], arg
                       "pass": passes("floor", early / cut)})
     per_layer_s = (stock_full.wall_s - timings["stock 1 layers"].wall_s) / max(num_layers - 1, 1) / len(inputs)
     exit_read_s = ((timings["every exit"].wall_s - timings[f"budget({num_layers})"].wall_s)
+                   / max(num_layers - 1, 1) / len(inputs))
+    head_read_s = (None if cuda_graphs else (timings["all exits"].wall_s - stock_full.wall_s)
                    / max(num_layers - 1, 1) / len(inputs))
     # each example's stock times cut at the measured depths (median of repeats), to price a perfect early exit
     cut_per_example = np.stack([np.median(np.array(timings[f"stock {k} layers"].wall), axis=0) for k in depths])
@@ -604,6 +612,13 @@ def measure_bs1(pair: ModelPair, regime: Regime, policies: list[ExitPolicy], arg
                "ratio_min": stock_full.wall_min_s / t.wall_min_s / layer_speedup,
                "perfect_s": perfect_s, "perfect_speedup": stock_full.wall_s / perfect_s,
                "floor_ratio": t.wall_s / perfect_s}
+        if head_read_s is not None:
+            # the same perfect early exit, paying also the exit heads the setting reads below its exit layer (the
+            # rule reads every exit from its first_read_layer on; the cut model's classifier is the last read)
+            first_read = min(policy.first_read_layer(), num_layers)
+            extra_reads = float(sum(layer - first_read for layer in exits.tolist()))
+            row["perfect_with_heads_s"] = perfect_s + head_read_s * extra_reads
+            row["heads_floor_ratio"] = t.wall_s / row["perfect_with_heads_s"]
         row["pass"] = passes("a", row["ratio"])
         row["floor_pass"] = passes("floor", row["floor_ratio"])
         rows.append(row)
@@ -611,7 +626,8 @@ def measure_bs1(pair: ModelPair, regime: Regime, policies: list[ExitPolicy], arg
             "cuda_graphs": cuda_graphs,
             "mean_tokens": float(np.mean([x["input_ids"].shape[1] for x in inputs])),
             "stock_full_s_per_example": stock_full.wall_s / len(inputs), "per_layer_s": per_layer_s,
-            "exit_read_s": exit_read_s, "floor": floor, "load_average": [load_before, load_now()], "rows": rows}
+            "exit_read_s": exit_read_s, "head_read_s": head_read_s, "floor": floor,
+            "load_average": [load_before, load_now()], "rows": rows}
 
 
 def measure_decision_share(pair: ModelPair, cache: torch.Tensor, policies: list[ExitPolicy], per_layer_s: float,
@@ -869,7 +885,21 @@ def summary_lines(results: dict) -> list[str]:
     return lines
 
 
+def head_read_sentence(block: dict) -> str:
+    """How much of an exit read is the exit head itself, and the (a) table's column that counts it (no target)."""
+    if block.get("head_read_s") is None:
+        return ""
+    return (f" Of that, the exit head by itself costs {ms(block['head_read_s'])} ms "
+            f"({block['head_read_s'] / block['per_layer_s']:.1%} of a layer: the all-exits forward, every head and no "
+            "decision, against the stock full depth, ÷ (L − 1)). The last column of (a) adds it to the perfect early "
+            "exit once per exit the setting reads below its exit layer: what a perfect implementation of the same "
+            "exits would pay. It has no target: the verdict stays on the perfect early exit, which reads one "
+            "classifier.")
+
+
 def bs1_lines(block: dict) -> list[str]:
+    with_heads = block.get("head_read_s") is not None
+    with_heads_header = " ÷ perfect reading the same exits (no target) |" if with_heads else ""
     lines = [f"#### {block['model']} / {block['regime']}{' (CUDA graphs)' if block['cuda_graphs'] else ''}: "
              f"{block['examples']} examples, {block['mean_tokens']:.1f} tokens on average, {block['repeats']} "
              f"repeats, load {block['load_average'][0]} → {block['load_average'][1]}", "",
@@ -878,7 +908,8 @@ def bs1_lines(block: dict) -> list[str]:
              f"and the decision) costs {ms(block['exit_read_s'])} ms per layer read, "
              f"{block['exit_read_s'] / block['per_layer_s']:.1%} of a layer (`pabee(patience=L − 1)`, which reads "
              "every exit and never leaves early, against `budget(L)`, which reads only the last, ÷ (L − 1)): a "
-             "setting that reads n exits pays it n − 1 times more than a model cut at its exit.", "",
+             "setting that reads n exits pays it n − 1 times more than a model cut at its exit."
+             + head_read_sentence(block), "",
              "Floor: early exit leaving at layer k (`budget(k)`, which computes and reads only layer k's exit) "
              "against the stock model cut to k layers; and how far even that cut model is from L / k (the "
              "embeddings and the classifier are paid whatever the depth):", "",
@@ -894,12 +925,13 @@ def bs1_lines(block: dict) -> list[str]:
               "inputs, whose layers cost more, exit later (real lengths). A setting below 0.95 passes by the floor "
               "when early exit is within 1.03 of that perfect one.", "",
               "| policy | setting | avg exit | L/avg | wall speed-up | (a) ratio | ratio (min of repeats) | "
-              "perfect speed-up | ÷ perfect early exit | |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "perfect speed-up | ÷ perfect early exit |" + with_heads_header + " |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if with_heads_header else "") + "---|"]
     for r in block["rows"]:
+        with_heads = f" {r['heads_floor_ratio']:.3f} |" if with_heads_header else ""
         lines.append(f"| {r['policy']} | `{r['setting']}` | {r['avg_exit_layer']:.2f} | {r['layer_speedup']:.2f} | "
                      f"{r['wall_speedup']:.2f} | {r['ratio']:.3f} | {r['ratio_min']:.3f} | "
-                     f"{r['perfect_speedup']:.2f} | {r['floor_ratio']:.3f} | {a_verdict(r)} |")
+                     f"{r['perfect_speedup']:.2f} | {r['floor_ratio']:.3f} |{with_heads} {a_verdict(r)} |")
     return lines + [""]
 
 

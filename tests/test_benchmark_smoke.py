@@ -44,6 +44,11 @@ def test_every_measurement_ran(smoke: tuple[dict, str]) -> None:
     assert [row["k"] for row in m["a"][0]["floor"]] == [1, 6, 12]
     for row in (r for block in m["a"] for r in block["rows"]):  # (a) against a perfect early exit
         assert row["perfect_s"] > 0 and math.isclose(row["floor_ratio"], row["wall_s"] / row["perfect_s"])
+        # the perfect early exit that also reads the setting's exits: a budget reads only its own exit
+        assert math.isclose(row["heads_floor_ratio"], row["wall_s"] / row["perfect_with_heads_s"])
+        if row["policy"] == "budget":
+            assert row["perfect_with_heads_s"] == row["perfect_s"]
+    assert all(math.isfinite(block["head_read_s"]) for block in m["a"])
 
 
 def test_perfect_early_exit_prices_each_example_at_its_own_depth() -> None:
