@@ -757,10 +757,20 @@ def measure_training(pair: ModelPair, regime: Regime, args: argparse.Namespace, 
 # ====================================================================================================================
 
 
+_RUN_STARTED = [time.perf_counter()]  # reset by main(), which the smoke tests call more than once per process
+
+
+def progress(step: str) -> None:
+    """One line on stderr as each measurement starts (never inside a timed region): a full run takes half an hour."""
+    print(f"[benchmark {time.perf_counter() - _RUN_STARTED[0]:6.0f} s] {step}", file=sys.stderr, flush=True)
+
+
 def run_cpu(args: argparse.Namespace, tokenizer, sentences: list, results: dict) -> None:  # noqa: ANN001
     device = torch.device("cpu")
     m = results["measurements"]
+    progress("decision at bs 1, every policy")
     m["decision"] = measure_decisions(args)
+    progress(f"overhead per layer, {args.overhead_processes} fresh process(es)")
     m["overhead"] = measure_overhead(args)
     for model_name in args.models:
         try:
@@ -773,13 +783,17 @@ def run_cpu(args: argparse.Namespace, tokenizer, sentences: list, results: dict)
         for regime in regimes.values():
             cache = cache_logits(pair.ours, regime.batches, device)
             policies = pick_settings(cache, pair.num_layers, args.exit_fractions)
+            progress(f"{model_name} / {regime.name}: floor, (a) and (b) at bs 1 ({len(policies)} settings)")
             bs1 = measure_bs1(pair, regime, policies, args, device)
             m["a"].append(bs1)
             share = measure_decision_share(pair, cache, policies, bs1["per_layer_s"], args)
             m["b"].append({**share, "regime": regime.name})
+            progress(f"{model_name} / {regime.name}: (c) batched")
             m["c"].append(measure_batched(pair, regime, policies[:: max(1, len(policies) // 6)], args, device))
+        progress(f"{model_name}: (d) replay sweep and (e) training step")
         m["d"].append(measure_sweep(pair, regimes["real"], args, device))
         m["e"].append(measure_training(pair, regimes["real"], args, device))
+    progress("done")
 
 
 def run_cuda(args: argparse.Namespace, tokenizer, sentences: list, results: dict) -> None:  # noqa: ANN001
@@ -795,6 +809,7 @@ def run_cuda(args: argparse.Namespace, tokenizer, sentences: list, results: dict
     cache = cache_logits(pair.ours, regime.batches, device)
     policies = pick_settings(cache, pair.num_layers, args.exit_fractions)[::2]
     for graphs in (False, True):
+        progress(f"{name} / seq{args.seq} on {device.type}: bs 1, {'CUDA graphs' if graphs else 'eager'}")
         bs1 = measure_bs1(pair, regime, policies, args, device, cuda_graphs=graphs)
         cuda["bs1"].append(bs1)
         cuda["b"].append({**measure_decision_share(pair, cache, policies, bs1["per_layer_s"], args),
@@ -802,7 +817,9 @@ def run_cuda(args: argparse.Namespace, tokenizer, sentences: list, results: dict
     for batch_size in (32, 128):
         big = build_regimes(tokenizer, sentences, 8, batch_size, args.batches, args.seq)[f"seq{args.seq}"]
         for dtype in (torch.float16, torch.bfloat16):
+            progress(f"{name} / seq{args.seq} on {device.type}: (c) at batch size {batch_size}, {dtype}")
             cuda["c"].append(measure_batched(pair, big, policies, args, device, autocast=dtype))
+    progress("done")
 
 
 # ====================================================================================================================
@@ -1094,7 +1111,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         args.tokenizer = str(get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    started = time.perf_counter()
+    started = _RUN_STARTED[0] = time.perf_counter()
     device = torch.device(args.device)
     source, sentences = load_sentences(args.smoke)
     results: dict = {"command": "python benchmarks/benchmark_exits.py " + shlex.join(argv if argv is not None
