@@ -906,9 +906,11 @@ def head_read_sentence(block: dict) -> str:
     """How much of an exit read is the exit head itself, and the (a) table's column that counts it (no target)."""
     if block.get("head_read_s") is None:
         return ""
-    return (f" Of that, the exit head by itself costs {ms(block['head_read_s'])} ms "
+    return (f" The exit head by itself costs {ms(block['head_read_s'])} ms "
             f"({block['head_read_s'] / block['per_layer_s']:.1%} of a layer: the all-exits forward, every head and no "
-            "decision, against the stock full depth, ÷ (L − 1)). The last column of (a) adds it to the perfect early "
+            "decision, against the stock full depth, ÷ (L − 1); a difference of two full passes, so only as precise "
+            "as they are: a head far cheaper than a layer can come out at or below 0). The last column of (a) adds "
+            "it to the perfect early "
             "exit once per exit the setting reads below its exit layer: what a perfect implementation of the same "
             "exits would pay. It has no target: the verdict stays on the perfect early exit, which reads one "
             "classifier.")
