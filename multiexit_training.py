@@ -256,7 +256,11 @@ def make_optimizer(args, accelerator, model, plan: TrainingPlan, steps_per_stage
     * ELBERT's learned loss weights (``--exit_loss learned``), as ELBERT's run_glue.py does
       (``optimizer.add_param_group({'params': model.W, 'lr': model.w_lr})``, added after the scheduler was built):
       their own group at a constant ``--exit_weight_learning_rate`` (ELBERT's ``w_lr``, 1e-2), no weight decay, no
-      schedule. At the model's rate (2e-5) they would hardly move from σ(4) ≈ 0.98."""
+      schedule. At the model's rate (2e-5) they would hardly move from σ(4) ≈ 0.98. Their gradient is zeroed with
+      the model's every step; ELBERT's ``model.zero_grad()`` skipped its plain-tensor ``W``, whose gradient summed
+      every step's (the README lists this difference).
+    * ``no_decay`` also matches ALBERT's ``full_layer_layer_norm.weight``, which the seeds' ``LayerNorm.weight``
+      missed (it only matters with ``--weight_decay`` > 0)."""
     from torch.optim.lr_scheduler import LambdaLR
 
     loss_weights = set(map(id, loss_weight_parameters(model)))

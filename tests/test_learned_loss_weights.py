@@ -42,6 +42,11 @@ def test_optimizer_group_is_constant_without_decay(tmp_path: Path) -> None:
     assert [r[0] for r in rates][:3] == pytest.approx([0.0, 1e-5, 2e-5])  # the model warms up, then decays
     assert rates[-1][0] < 2e-5
     assert all(p is not weights for p in clipped_parameters(model))  # ELBERT never clipped its W
+    # the training loop's optimizer.zero_grad() clears them with the model's (ELBERT's model.zero_grad() skipped its
+    # plain-tensor W, whose gradient then summed every step's: a difference the README lists)
+    weights.grad = torch.ones_like(weights)
+    optimizer.zero_grad()
+    assert weights.grad is None
 
 
 def test_learned_weights_move_at_their_rate(tmp_path: Path) -> None:
