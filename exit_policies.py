@@ -999,6 +999,8 @@ class ELBERTExit(ExitPolicy):
     def from_flag_values(cls, values: dict[str, list]) -> list[ExitPolicy]:
         # the range threshold belongs to the 'range' criterion only: δ × N × margin × (criterion, its thresholds)
         ranges = values.get("range_threshold") or [None]
+        if ranges != [None] and values.get("delta") and "range" not in (values.get("criterion") or []):
+            raise UserInputError("--elbert_range is the 'range' criterion's threshold: add range to --elbert_criterion")
         return [
             cls.from_flags_checked(delta=delta, window=window, criterion=criterion, range_threshold=range_threshold,
                                    margin=margin)

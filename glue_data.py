@@ -114,6 +114,18 @@ def _normalize_name(name: str) -> str:
 _ALIASES = {_normalize_name(n): n for n in TASKS} | {"mnlimatched": "mnli", "mnlimismatched": "mnli-mm"}
 
 
+def trained_on_another_task(finetuning_task: object, task: TaskSpec) -> str | None:
+    """The task a checkpoint was fine-tuned on (its config's ``finetuning_task``) when that is one of ours and its
+    training data is not ``task``'s (MNLI serves mnli and mnli-mm alike); else None (unset, or a name we don't know,
+    as a hub checkpoint may carry)."""
+    if not isinstance(finetuning_task, str):
+        return None
+    canonical = _ALIASES.get(_normalize_name(finetuning_task))
+    if canonical is None or _FOLDER_NAMES[canonical] == _FOLDER_NAMES[task.name]:
+        return None
+    return canonical
+
+
 def get_task(name: str) -> TaskSpec:
     """Look a task up by any common spelling ("SST-2", "sst2", "STS-B", "mnli_mm", "AG-News", "bbc_news", ...).
 

@@ -12,6 +12,7 @@ import argparse
 import logging
 import math
 import os
+from typing import NoReturn
 
 import torch
 
@@ -24,9 +25,18 @@ from multiexit_loading import MODEL_CLASSES, PACKAGED_MODEL
 logger = logging.getLogger("run_glue_with_exits")
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse's own errors (an unknown flag, a bad choice, a missing --task_name) as the runner's other mistakes
+    are: one ``error:`` line and exit status 2, not the 60-line usage before it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="run_glue_with_exits.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+    # allow_abbrev=False: a prefix (--pat) would otherwise be taken silently for a flag it happens to start (--patience)
+    parser = _OneLineErrorParser(
+        prog="run_glue_with_exits.py", formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
         description="Train and evaluate multi-exit BERT / RoBERTa / ALBERT on GLUE and friends, and sweep every exit "
                     "policy (PABEE, DeeBERT, PCEE-BERT, ELBERT, budget, max-prob) by offline replay of one cached "
                     "all-layer pass; --online runs real early exit. Comma lists sweep several settings.")
@@ -175,6 +185,9 @@ def check_args(args: argparse.Namespace) -> None:
                  "gradient_accumulation_steps", "timing_repeats"):
         if getattr(args, name) < 1:
             raise UserInputError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("max_train_samples", "max_eval_samples"):  # a negative one would slice from the end
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserInputError(f"--{name} must be >= 1 (leave it out for the whole split), got {getattr(args, name)}")
     for name in ("learning_rate", "weight_decay", "adam_epsilon", "max_grad_norm", "warmup_ratio", "num_train_epochs",
                  "exit_weight_learning_rate"):
         value = getattr(args, name)
@@ -233,9 +246,20 @@ def add_policy_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def policies_from_args(args: argparse.Namespace) -> list[ExitPolicy]:
-    """The explicitly requested settings: each comma list sweeps its policy (several lists: their product)."""
+    """The explicitly requested settings: each comma list sweeps its policy (several lists: their product).
+
+    Raises UserInputError when a policy's flags are given but set none of its settings (``--regression_threshold``
+    without ``--patience``), and when ``--online``/``--verify_online`` have no setting to run."""
     policies: list[ExitPolicy] = []
     for cls in POLICIES.values():
-        values = {flag.field: flag.parse(getattr(args, flag.flag.lstrip("-"))) for flag in cls.flags}
-        policies += cls.from_flag_values(values)
+        raw = {flag.flag: getattr(args, flag.flag.lstrip("-")) for flag in cls.flags}
+        values = {flag.field: flag.parse(raw[flag.flag]) for flag in cls.flags}
+        settings = cls.from_flag_values(values)
+        given = [flag.flag for flag in cls.flags if raw[flag.flag] not in (None, False, flag.default)]
+        if given and not settings:
+            raise UserInputError(f"{', '.join(given)} set no {cls.name} setting without {cls.flags[0].flag}")
+        policies += settings
+    if (args.online or args.verify_online) and not policies:
+        raise UserInputError("--online / --verify_online run real early exit for the settings asked for "
+                             "(--patience, --early_exit_entropy, ...), and none is given")
     return policies

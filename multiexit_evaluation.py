@@ -112,11 +112,13 @@ def _file_label(policy: ExitPolicy) -> str:
     return "".join(char for char in text if char.isalnum() or char in "._-")
 
 
-def write_per_example(path: str, score: PolicyScore, labels: np.ndarray | None) -> None:
+def write_per_example(path: str, score: PolicyScore, labels: np.ndarray | None, first_index: int = 0) -> None:
+    """One line per example: its index in the evaluated split (from ``first_index`` for a part of it, such as
+    calibration's second half), exit layer, prediction and label."""
     lines = ["index\texit_layer\tprediction\tlabel"]
     for index, (layer, prediction) in enumerate(zip(score.exit_layers, score.predictions)):
         label = "" if labels is None else labels[index]
-        lines.append(f"{index}\t{int(layer)}\t{prediction}\t{label}")
+        lines.append(f"{first_index + index}\t{int(layer)}\t{prediction}\t{label}")
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
@@ -148,10 +150,30 @@ class ResultWriter:
                  enabled: bool) -> None:
         self.args, self.task, self.checkpoint, self.labels, self.enabled = args, task, checkpoint, labels, enabled
         self.checkpoint_name = checkpoint_label(args, checkpoint)
+        # a folder of its own per run (split and start time, and a number if that folder exists: created here, so two
+        # runs cannot both take it): the jsonl is never overwritten, so neither are the files its records point to,
+        # whether a later run evaluates another split or subset, or runs at the same time
+        self.run_folder = f"{args.eval_split}_{time.strftime('%Y%m%d-%H%M%S')}"
+        if enabled:
+            parent = os.path.join(args.output_dir, "exit_details", self.checkpoint_name)
+            os.makedirs(parent, exist_ok=True)
+            stem, number = self.run_folder, 1
+            while True:
+                try:
+                    os.mkdir(os.path.join(parent, self.run_folder))
+                    break
+                except FileExistsError:
+                    number += 1
+                    self.run_folder = f"{stem}_{number}"
 
-    def record(self, score: PolicyScore, mode: str, labels: np.ndarray | None = None, **extra: object) -> dict:
+    def record(self, score: PolicyScore, mode: str, labels: np.ndarray | None = None, first_index: int = 0,
+               variant: str = "", **extra: object) -> dict:
+        """Append ``score``'s record and write its per-example TSV. ``variant`` names a further folder for records
+        that share a setting's label with another (calibration's choices); ``first_index`` is the index in the split
+        of the first example scored (with ``labels``, for a part of the split)."""
         labels = self.labels if labels is None else labels
-        detail_dir = os.path.join(self.args.output_dir, "exit_details", self.checkpoint_name, mode)
+        detail_dir = os.path.join(self.args.output_dir, "exit_details", self.checkpoint_name, self.run_folder,
+                                  mode + variant)
         detail_path = os.path.join(detail_dir, _file_label(score.policy) + ".tsv")
         record = {
             "task": self.task.name,
@@ -167,22 +189,38 @@ class ResultWriter:
         }
         if self.enabled:
             os.makedirs(detail_dir, exist_ok=True)
-            write_per_example(detail_path, score, labels)
+            write_per_example(detail_path, score, labels, first_index)
             append_jsonl(os.path.join(self.args.output_dir, RESULTS_FILE), record)
         return record
+
+
+def _setting_text(row: dict) -> str:
+    """A record's setting as its policy labels it (defaults it omits left out), floats to 6 significant digits (a
+    calibrated threshold has all of float64's)."""
+    omits = POLICIES[row["policy"]].label_omits
+    shown = [(key, value) for key, value in row["params"].items()
+             if value is not None and not (key in omits and value == omits[key])]
+    return ",".join(f"{key}={value:.6g}" if isinstance(value, float) else f"{key}={value}" for key, value in shown)
+
+
+def _mode_text(row: dict) -> str:
+    if "calibration" not in row:
+        return row["mode"]
+    target = ", ".join(f"{key} {value}" for key, value in row["calibration"].items()
+                       if key in ("target_speedup", "max_metric_drop"))
+    return f"{row['mode']}, calibrated for {target} (scored on the second half: {row['num_examples']} examples)"
 
 
 def format_table(rows: list[dict], main_metric: str) -> str:
     header = f"| policy | setting | {main_metric} | mode | avg exit layer | speed-up (L/avg) | layer saving | wall s |"
     lines = [header, "|---|---|---:|---|---:|---:|---:|---:|"]
     for row in rows:
-        params = ",".join(f"{k}={v}" for k, v in row["params"].items() if v is not None)
         metric = row["metrics"].get(main_metric, float("nan"))
         wall = "" if row.get("wall_time_s") is None else f"{row['wall_time_s']:.3f}"
-        lines.append(
-            f"| {row['policy']} | {params} | {metric * 100:.2f} | {row['mode']} | {row['avg_exit_layer']:.2f} "
-            f"| {row['speedup']:.2f}x | {row['layer_saving'] * 100:.1f}% | {wall} |"
-        )
+        line = (f"| {row['policy']} | {_setting_text(row)} | {metric * 100:.2f} | {_mode_text(row)} "
+                f"| {row['avg_exit_layer']:.2f} | {row['speedup']:.2f}x | {row['layer_saving'] * 100:.1f}% | {wall} |")
+        if line not in lines:  # --eval_each_highway's layer k and --budget_layer k are one setting: one row
+            lines.append(line)
     return "\n".join(lines)
 
 
@@ -217,6 +255,9 @@ def evaluate_checkpoint(args, accelerator, task: TaskSpec, checkpoint: str, mode
     per_layer = per_layer_scores(layer_logits, labels_or_none, metric_fn) if has_labels else []
     if per_layer:
         records.append(writer.record(per_layer[-1], "replay"))
+    else:  # unlabelled (--eval_split test): the full-depth predictions still get their record and TSV
+        records += [writer.record(score, "replay")
+                    for score in sweep([BudgetExit(layer=num_layers)], layer_logits, None, None, progress=False)]
     if args.eval_each_highway and per_layer:
         records += [writer.record(score, "replay") for score in per_layer[:-1]]
         if main_process:
@@ -236,6 +277,9 @@ def evaluate_checkpoint(args, accelerator, task: TaskSpec, checkpoint: str, mode
                                           metric_fn if has_labels else None)
     if has_labels and (args.calibrate_speedup or args.calibrate_max_drop):
         setting_records += calibration_records(args, task, layer_logits, labels, metric_fn, requested, writer)
+    elif args.calibrate_speedup or args.calibrate_max_drop:
+        logger.warning("--calibrate_speedup / --calibrate_max_drop: the %s split has no labels, so nothing is "
+                       "calibrated (use --eval_split dev or heldout)", args.eval_split)
     records += setting_records
 
     # HF example scripts return their evaluation's metrics: full depth as is, each setting under its label
@@ -319,7 +363,8 @@ def calibration_records(args, task: TaskSpec, layer_logits: torch.Tensor, labels
                                      "calibration_speedup": chosen.calibration_score.speedup,
                                      "calibration_metrics": chosen.calibration_score.metrics,
                                      "evaluated_on": "second half of the eval set"}}
-            records.append(writer.record(result.held_out, "replay", labels=labels[half:], **extra))
+            records.append(writer.record(result.held_out, "replay", labels=labels[half:], first_index=half,
+                                         variant=f"_calibrated_{kind}-{value:g}", **extra))
     return records
 
 
@@ -342,7 +387,9 @@ def write_deebert_plot_data(args: argparse.Namespace, task: TaskSpec, per_layer:
       a plain float array ``[eval_time, fraction_of_layers_used, result, exits at layer 1, ..., exits at layer L]``
       (the "expected saving" DeeBERT printed was that fraction of layers used), with a JSON file of the same name
       naming each entry. ``eval_time`` is the real early-exit wall time with ``--online``, NaN for a replay."""
-    model_name = os.path.normpath(args.model_name_or_path).lstrip(os.sep)
+    # inside --plot_data_dir whatever the path: '..' parts dropped (as DeeBERT's [2:] dropped a leading './')
+    model_name = os.path.join(*[part for part in os.path.normpath(args.model_name_or_path).split(os.sep)
+                                if part not in ("", os.curdir, os.pardir)] or ["model"])
     model_name = model_name if model_name not in (".", "") else "model"
     folder = os.path.join(args.plot_data_dir, model_name)
     os.makedirs(folder, exist_ok=True)

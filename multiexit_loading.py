@@ -11,7 +11,7 @@ import random
 import datasets
 import torch
 
-from glue_data import TaskSpec, build_features, read_examples
+from glue_data import TaskSpec, build_features, read_examples, trained_on_another_task
 from modeling_multiexit import DEFAULT_EXIT_POOLING
 from modeling_multiexit_albert import MultiExitAlbertForSequenceClassification
 from modeling_multiexit_bert import MultiExitBertForSequenceClassification, MultiExitRobertaForSequenceClassification
@@ -74,6 +74,9 @@ def load_config(args: argparse.Namespace, task: TaskSpec, path: str):  # noqa: A
             f"{path} was trained with num_labels={config.num_labels} but task {task.name} has {task.num_labels} "
             f"labels; use a checkpoint of this task or a plain pretrained model"
         )
+    other_task = trained_on_another_task(getattr(config, "finetuning_task", None), task)
+    if is_multi_exit and other_task and not args.do_train:  # (--do_train may fine-tune it further on a new task)
+        raise UserInputError(f"{path} was fine-tuned on {other_task}, not {task.name}; use a checkpoint of this task")
     trained_pooling = getattr(config, "exit_pooling", None) or (DEFAULT_EXIT_POOLING if is_multi_exit else None)
     if trained_pooling and args.exit_pooling and args.exit_pooling != trained_pooling and not args.do_train:
         raise UserInputError(
@@ -137,6 +140,8 @@ def load_model(args: argparse.Namespace, task: TaskSpec, path: str) -> torch.nn.
         )
     except (OSError, SafetensorError) as error:  # no weights file, or an unreadable one
         raise UserInputError(f"could not load the weights of {path}: {str(error).strip().splitlines()[0]}") from None
+    if args.do_train:  # saved in config.json (transformers 4's field) and read back by load_config, so that
+        model.config.finetuning_task = task.name  # evaluating the model on another task's data fails
     missing_exits = sorted({key.split(".")[1] for key in loading_info["missing_keys"] if key.startswith("exits.")})
     if missing_exits and not args.do_train:
         logger.warning(

@@ -13,6 +13,16 @@ if [ -z "${GLUE_DIR:-}" ] && [ -d "$REPO_DIR/../shared/data/glue" ]; then GLUE_D
 MODEL_TYPE=${MODEL_TYPE:-bert}
 MODEL_NAME_OR_PATH=${MODEL_NAME_OR_PATH:-packaged-minilm}
 TASK_NAME=${TASK_NAME:-MRPC}
+# the task's folder, found as the runner finds task names (case, '-', '_' ignored): TASK_NAME=sst-2 reads SST-2/
+task_folder() {
+  local want name folder
+  want=$(printf '%s' "$1" | tr -cd '[:alnum:]' | tr '[:upper:]' '[:lower:]')
+  for folder in "$GLUE_DIR"/*/; do
+    name=$(basename "$folder" | tr -cd '[:alnum:]' | tr '[:upper:]' '[:lower:]')
+    if [ "$name" = "$want" ]; then printf '%s' "${folder%/}"; return; fi
+  done
+  printf '%s' "$GLUE_DIR/$1"  # none: the runner names the folder it expected
+}
 DATA_ARGS=()
-if [ -n "${GLUE_DIR:-}" ]; then DATA_ARGS=(--data_dir "$GLUE_DIR/$TASK_NAME"); fi
+if [ -n "${GLUE_DIR:-}" ]; then DATA_ARGS=(--data_dir "$(task_folder "$TASK_NAME")"); fi
 RUNNER="$REPO_DIR/run_glue_with_exits.py"

@@ -11,6 +11,8 @@
 # shared-pooler head); MULTIEXIT_SHARED_DIR [../shared] (GLUE data under data/glue/<TASK>).
 # Measured wall time: see results/README.md.
 set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,/^set /p' "$0" | sed '$d'; exit 0 ;; esac
+[ $# -eq 0 ] || { echo "error: reproduce.sh takes no arguments (its settings come from the environment; see --help)" >&2; exit 2; }
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 [ -x "$PYTHON" ] || PYTHON=python

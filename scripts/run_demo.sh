@@ -7,9 +7,13 @@
 # to train the early exits (a first demo run with it left layers 1-3 at the majority class). The exits read the mean of
 # each layer's token states (--exit_pooling mean), as this sentence-transformers checkpoint was pre-trained: its [CLS]
 # state carries no input information below layer 4 (scripts/probe_cls_vs_mean.py).
+# Usage: bash scripts/run_demo.sh [OUTPUT_DIR]   (default: runs/demo-bbc-news in the repository), from any folder.
 set -euo pipefail
-OUTPUT_DIR=${1:-runs/demo-bbc-news}
-PYTHON=${PYTHON:-$(dirname "$0")/../.venv/bin/python}
+case "${1:-}" in -h|--help) sed -n '2,/^set /p' "$0" | sed '$d'; exit 0 ;; esac
+# an OUTPUT_DIR given is taken from the caller's folder; the runner is run from the repository
+OUTPUT_DIR=$(realpath -m "${1:-$(dirname "$0")/../runs/demo-bbc-news}")
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
 [ -x "$PYTHON" ] || PYTHON=python
 
 "$PYTHON" run_glue_with_exits.py \

@@ -9,6 +9,7 @@ quotes, over-long inputs, a checkpoint without trained exit heads) must run and 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -42,9 +43,15 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     no_weights = root / "no-weights"
     no_weights.mkdir()
     shutil.copy(model / "config.json", no_weights / "config.json")
+    multi_exit = make_tiny_model(root / "multi-exit", multi_exit=True)
+    other_task = root / "trained-on-cola"  # what --do_train on CoLA writes into config.json
+    shutil.copytree(multi_exit, other_task)
+    config = json.loads((other_task / "config.json").read_text())
+    (other_task / "config.json").write_text(json.dumps(config | {"finetuning_task": "cola"}))
     return {
         "model": model,
-        "multi_exit_2_labels": make_tiny_model(root / "multi-exit", multi_exit=True),
+        "multi_exit_2_labels": multi_exit,
+        "other_task": other_task,
         "data": write_sst2(root / "SST-2"),
         "damaged": damaged,
         "no_weights": no_weights,
@@ -126,6 +133,15 @@ FLAG_CASES = {
     "config without weights": (["--do_train", "--model_name_or_path", "{no_weights}"],
                                r"no-weights has a config.json but no weights file"),
     "model path is a file": (["--do_eval", "--model_name_or_path", "{data}/dev.tsv"], r"is a file"),
+    "checkpoint of another task": (["--do_eval", "--model_name_or_path", "{other_task}"],
+                                   r"trained-on-cola was fine-tuned on cola, not sst2; use a checkpoint of this task"),
+    "max_eval_samples < 1": (["--do_eval", "--max_eval_samples", "-5"], r"--max_eval_samples must be >= 1"),
+    "max_train_samples 0": (["--do_train", "--max_train_samples", "0"], r"--max_train_samples must be >= 1"),
+    "policy flag without its policy's first": (["--do_eval", "--regression_threshold", "0.1"],
+                                               r"--regression_threshold set no pabee setting without --patience"),
+    "elbert range without the range criterion": (["--do_eval", "--elbert_delta", "0.1", "--elbert_range", "0.05"],
+                                                 r"--elbert_range is the 'range' criterion's threshold"),
+    "online without a setting": (["--do_eval", "--online"], r"--online / --verify_online run real early exit"),
     "checkpoint num_labels != task": (["--task_name", "mnli", "--do_eval", "--model_name_or_path", "{multi_exit}"],
                                       r"was trained with num_labels=2 but task mnli has 3 labels"),
     "eval with another exit_pooling": (["--do_eval", "--model_name_or_path", "{multi_exit}", "--exit_pooling", "mean"],
@@ -143,7 +159,7 @@ FLAG_CASES = {
 def test_bad_flags_give_one_clear_error_and_write_nothing(case: str, tiny: dict[str, Path], tmp_path: Path) -> None:
     flags, expected = FLAG_CASES[case]
     names = {"tmp": tmp_path, "data": tiny["data"], "model": tiny["model"], "multi_exit": tiny["multi_exit_2_labels"],
-             "damaged": tiny["damaged"], "no_weights": tiny["no_weights"]}
+             "damaged": tiny["damaged"], "no_weights": tiny["no_weights"], "other_task": tiny["other_task"]}
     flags = [str(flag).format(**names) for flag in flags]
     output_dir = tmp_path / "out"
     status, stderr = run_main(base_args(tiny, output_dir, *flags))
@@ -158,12 +174,18 @@ def test_fp16_without_cuda(tiny: dict[str, Path], tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_unknown_flag_is_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("flags, expected", [
+    (["--exit_policy", "pabee"], "unrecognized arguments: --exit_policy pabee"),
+    (["--pat", "2"], "unrecognized arguments: --pat 2"),  # no prefix of --patience taken for it
+    (["--pcee_ensemble", "bogus"], "argument --pcee_ensemble: invalid choice: 'bogus'"),
+])
+def test_argparse_errors_are_one_line(flags: list[str], expected: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        run_glue_with_exits.cli(["--task_name", "sst-2", "--output_dir", "x", "--exit_policy", "pabee"])
+        run_glue_with_exits.cli(["--task_name", "sst-2", "--output_dir", "x", *flags])
     assert exit_info.value.code == 2
     stderr = capsys.readouterr().err
-    assert "unrecognized arguments: --exit_policy pabee" in stderr and "Traceback" not in stderr
+    assert stderr.splitlines() == [f"error: {expected}" + stderr.split(expected, 1)[1].rstrip("\n")], stderr
+    assert stderr.rstrip().endswith("(see --help)")
 
 
 def test_unknown_policy_name() -> None:

@@ -6,6 +6,7 @@ Mean-pooled exits default to the linear head (no pretrained pooler in front of a
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -34,6 +35,8 @@ def test_exits_start_at_the_label_mean(tmp_path: Path, head: str) -> None:
     data = write_stsb(tmp_path / "STS-B")
     mean = sum(e.label for e in read_examples(get_task("sts-b"), "train", str(data))) / 24
     weights = train(model, data, tmp_path / "out", "--exit_head_type", head)
+    # the task is saved with the model: evaluating it on another task's data is refused (tests/test_errors.py)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["finetuning_task"] == "stsb"
     output = "out_proj" if head == "classification_head" else "classifier"
     for depth in range(3):
         assert weights[f"exits.{depth}.{output}.bias"].item() == pytest.approx(mean, rel=1e-6)
