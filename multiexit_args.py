@@ -24,6 +24,19 @@ from multiexit_loading import MODEL_CLASSES, PACKAGED_MODEL
 
 logger = logging.getLogger("run_glue_with_exits")
 
+ELBERT_WEIGHT_LEARNING_RATE = 1e-2  # ELBERT's w_lr
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written, and each flag's default in its help (where there is one to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS)
+        if action.option_strings and shown and "%(default)" not in text and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
 
 class _OneLineErrorParser(argparse.ArgumentParser):
     """argparse's own errors (an unknown flag, a bad choice, a missing --task_name) as the runner's other mistakes
@@ -36,7 +49,7 @@ class _OneLineErrorParser(argparse.ArgumentParser):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # allow_abbrev=False: a prefix (--pat) would otherwise be taken silently for a flag it happens to start (--patience)
     parser = _OneLineErrorParser(
-        prog="run_glue_with_exits.py", formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+        prog="run_glue_with_exits.py", formatter_class=_HelpFormatter, allow_abbrev=False,
         description="Train and evaluate multi-exit BERT / RoBERTa / ALBERT on GLUE and friends, and sweep every exit "
                     "policy (PABEE, DeeBERT, PCEE-BERT, ELBERT, budget, max-prob) by offline replay of one cached "
                     "all-layer pass; --online runs real early exit. Comma lists sweep several settings.")
@@ -54,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           "mnli-mm, qnli, rte, wnli) or ag_news / bbc-news; case-insensitive")
     required.add_argument("--data_dir", default=None, help="task folder in the glue_data layout; omit to use the hub")
     required.add_argument("--output_dir", required=True, help="where checkpoints and results go")
-    required.add_argument("--max_seq_length", type=int, default=128)
+    required.add_argument("--max_seq_length", type=int, default=128, help="tokens per input, after truncation")
     required.add_argument("--do_lower_case", action="store_true", help="accepted for the seeds' scripts; the "
                           "tokenizer's own setting decides")
     required.add_argument("--num_hidden_layers", type=int, default=None,
@@ -89,25 +102,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="classification tasks trained from a plain pretrained model: every exit's output bias "
                             "starts at zero (default, the seeds') or at the log class frequencies of the training set "
                             "(log_prior: every exit starts at the prior; on CoLA it sped up the shared-pooler head)")
-    train.add_argument("--exit_weight_learning_rate", type=float, default=1e-2,
+    train.add_argument("--exit_weight_learning_rate", type=float, default=ELBERT_WEIGHT_LEARNING_RATE,
                        help="--exit_loss learned: constant learning rate of ELBERT's loss weights (its w_lr), in their "
                             "own optimizer group without weight decay or schedule")
     train.add_argument("--deebert_two_stage", "--train_highway", dest="deebert_two_stage", action="store_true",
                        help="DeeBERT: stage 1 trains backbone + final exit, stage 2 the off-ramps, backbone frozen")
     train.add_argument("--stage2_learning_rate", type=float, default=None, help="stage-2 LR (default: same)")
-    train.add_argument("--per_gpu_train_batch_size", "--per_device_train_batch_size", type=int, default=8)
+    train.add_argument("--per_gpu_train_batch_size", "--per_device_train_batch_size", type=int, default=8,
+                       help="training batch size per process")
     train.add_argument("--group_by_length", action="store_true",
                        help="batches of examples of similar length (less padding, faster on CPU), in a seeded order")
-    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    train.add_argument("--learning_rate", type=float, default=2e-5)
-    train.add_argument("--weight_decay", type=float, default=0.0)
-    train.add_argument("--adam_epsilon", type=float, default=1e-8)
-    train.add_argument("--max_grad_norm", type=float, default=1.0)
-    train.add_argument("--num_train_epochs", type=float, default=3.0)
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimisation step")
+    train.add_argument("--learning_rate", type=float, default=2e-5,
+                       help="peak AdamW learning rate (the seeds' runners took 5e-5 when not given one)")
+    train.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (not on biases, norms)")
+    train.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    train.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0 = none)")
+    train.add_argument("--num_train_epochs", type=float, default=3.0, help="epochs (per DeeBERT stage)")
     train.add_argument("--max_steps", type=int, default=-1, help="if > 0, overrides --num_train_epochs")
-    train.add_argument("--warmup_steps", type=int, default=0)
-    train.add_argument("--warmup_ratio", type=float, default=0.0)
-    train.add_argument("--logging_steps", type=int, default=50)
+    train.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up steps; wins over --warmup_ratio")
+    train.add_argument("--warmup_ratio", type=float, default=0.0, help="linear warm-up as a share of the steps")
+    train.add_argument("--logging_steps", type=int, default=50, help="log the mean loss every N steps (0 = never)")
     train.add_argument("--save_steps", type=int, default=0, help="save a checkpoint every N steps (0 = never)")
     train.add_argument("--save_total_limit", type=int, default=None,
                        help="keep only the newest N checkpoint-* folders (default: all)")
@@ -115,7 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--resume_from_checkpoint", default=None,
                        help="a checkpoint-N folder, or 'latest' for the newest one in --output_dir")
     train.add_argument("--overwrite_output_dir", action="store_true")
-    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--seed", type=int, default=42, help="seed of initialisation, dropout and data order")
     train.add_argument("--fp16", action="store_true", help="CUDA only")
     train.add_argument("--bf16", action="store_true")
     train.add_argument("--fp16_opt_level", default="O1", help="accepted for the seeds' scripts; native AMP is used")
@@ -124,7 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     evaluation = parser.add_argument_group("evaluation and exit policies (comma lists sweep several settings)")
     evaluation.add_argument("--do_eval", action="store_true")
-    evaluation.add_argument("--per_gpu_eval_batch_size", "--per_device_eval_batch_size", type=int, default=32)
+    evaluation.add_argument("--per_gpu_eval_batch_size", "--per_device_eval_batch_size", type=int, default=32,
+                            help="evaluation batch size; 1 with --online is the seeds' batch-size-1 early exit")
     evaluation.add_argument("--eval_all_checkpoints", action="store_true", help="evaluate every checkpoint-N too")
     evaluation.add_argument("--sweep_default_grids", action="store_true",
                             help="also replay a default grid of every policy (for the score-vs-speed-up plot)")
@@ -167,6 +183,23 @@ def apply_seed_conventions(args: argparse.Namespace) -> None:
         args.deebert_two_stage = True
     if args.deebert_two_stage and args.exit_head_type is None:
         args.exit_head_type = "pooler"
+
+
+def warn_unused_flags(args: argparse.Namespace) -> None:
+    """Flags that this command line gives but that do nothing in it: legal, but said (after apply_seed_conventions,
+    which decides DeeBERT's two stages)."""
+    unused = []
+    if args.do_train and args.deebert_two_stage and args.exit_loss is not None:
+        unused.append(f"--exit_loss {args.exit_loss} (DeeBERT's stages train the final exit, then the sum of the "
+                      "off-ramps' losses)")
+    if args.do_train and args.stage2_learning_rate is not None and not args.deebert_two_stage:
+        unused.append("--stage2_learning_rate (only DeeBERT's two stages have a stage 2)")
+    if args.do_train and args.exit_weight_learning_rate != ELBERT_WEIGHT_LEARNING_RATE and args.exit_loss != "learned":
+        unused.append("--exit_weight_learning_rate (for --exit_loss learned)")
+    if args.do_train and args.warmup_steps > 0 and args.warmup_ratio > 0:
+        unused.append("--warmup_ratio (--warmup_steps is given and wins, as in transformers)")
+    for flag in unused:
+        logger.warning("ignored: %s", flag)
 
 
 def check_args(args: argparse.Namespace) -> None:

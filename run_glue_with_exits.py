@@ -21,7 +21,7 @@ import sys
 import torch
 
 from glue_data import get_task
-from multiexit_args import apply_seed_conventions, check_args, parse_args, policies_from_args
+from multiexit_args import apply_seed_conventions, check_args, parse_args, policies_from_args, warn_unused_flags
 from multiexit_errors import UserInputError
 from multiexit_evaluation import RESULTS_FILE, checkpoint_label, evaluate_checkpoint, per_layer_callback
 from multiexit_io import list_checkpoints
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     requested = policies_from_args(args)
     accelerator = make_accelerator(args)
     apply_seed_conventions(args)  # after logging is set up: it says what it implies
+    warn_unused_flags(args)
     set_seed(args.seed)
     logger.info("task %s, model %s (%s), %d process(es) on %s", task.name, args.model_name_or_path,
                 args.model_type, accelerator.num_processes, accelerator.device)
@@ -63,8 +64,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     num_layers = model_depth(args, source_config)
     for policy in requested:
         policy.validate(task.num_labels, num_layers)
-    if args.do_train:
-        find_resume_folder(args)
+    if args.do_train:  # resolved once ("latest" -> the folder, or None: fresh), so training does not look again
+        args.resume_from_checkpoint = find_resume_folder(args)
     tokenizer = load_tokenizer(args, path)
     needs_eval_data = args.do_eval or args.evaluate_during_training
     eval_examples = read_split(args, task, args.eval_split, args.max_eval_samples) if needs_eval_data else None

@@ -361,3 +361,22 @@ def test_no_remote_code_and_no_unsafe_torch_load() -> None:
         if re.search(r"\bpickle\.loads?\(", text):
             problems.append(f"{path}: pickle.load")
     assert not problems, problems
+
+
+@pytest.mark.parametrize("flags, ignored", [
+    (["--stage2_learning_rate", "1e-5"], "--stage2_learning_rate (only DeeBERT's two stages"),
+    (["--deebert_two_stage", "--exit_loss", "learned"], "--exit_loss learned (DeeBERT's stages"),
+    (["--exit_weight_learning_rate", "0.1"], "--exit_weight_learning_rate (for --exit_loss learned)"),
+    (["--warmup_steps", "10", "--warmup_ratio", "0.1"], "--warmup_ratio (--warmup_steps is given and wins"),
+])
+def test_flags_that_do_nothing_are_said(flags: list[str], ignored: str, caplog: pytest.LogCaptureFixture) -> None:
+    import multiexit_args
+
+    args = multiexit_args.parse_args(["--task_name", "sst-2", "--output_dir", "x", "--do_train", *flags])
+    with caplog.at_level(logging.WARNING, logger="run_glue_with_exits"):
+        multiexit_args.warn_unused_flags(args)
+    assert f"ignored: {ignored}" in caplog.text
+    caplog.clear()
+    multiexit_args.warn_unused_flags(multiexit_args.parse_args(["--task_name", "sst-2", "--output_dir", "x",
+                                                                "--do_train"]))
+    assert "ignored" not in caplog.text
