@@ -81,3 +81,16 @@ def test_decision_and_overhead_alone(tmp_path: Path) -> None:
     report = (tmp_path / "B.md").read_text()
     assert "## The exit decision at batch size 1" in report and "decision cold" in report
     assert "## (c) Batched early exit" not in report and "## Batch size 1: the floor" not in report
+
+
+def test_cuda_section_rehearsed_on_cpu(tmp_path: Path) -> None:
+    """The CUDA section's code (bs 1 eager and with the graphs flag, (b), batched (c) in fp16 and bf16) on CPU, where
+    no graph is captured: a rehearsal, so that the GPU script (benchmarks/gpu_checks.sh) cannot rot unseen."""
+    results = benchmark_exits.main(["--smoke", "--gpu_section_on_cpu", "--output", str(tmp_path / "B.md")])
+    cuda = results["measurements"]["cuda"]
+    assert [block["cuda_graphs"] for block in cuda["bs1"]] == [False, True]
+    assert len(cuda["b"]) == 2 and len(cuda["c"]) == 4
+    for block in cuda["bs1"]:
+        assert block["rows"] and all(math.isfinite(row["ratio"]) and row["ratio"] > 0 for row in block["rows"])
+    assert all(math.isfinite(row["ratio"]) for block in cuda["c"] for row in block["rows"])
+    assert "## CUDA: batch size 1, eager and CUDA graphs" in (tmp_path / "B.md").read_text()
