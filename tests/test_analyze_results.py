@@ -208,3 +208,18 @@ def test_stsb_by_genre_reports_each_genre_and_the_reweighted_score(tmp_path: Pat
     reweighted = float(cells[5].split()[0])
     assert pearsonr(predictions, labels)[0] < reweighted < news + 0.02
     assert "| main-forum | 10 | 10 % | 50 | 50 % |" in output.read_text(encoding="utf-8")
+
+
+def test_overthinking_verdict_follows_its_stated_rule(study: tuple[Path, dict]) -> None:
+    """claims.md: "some policy's no-loss setting is faster than 1.05× with no loss on the second half" — any policy,
+    not only the fastest one."""
+    results, _ = study
+    summary = json.loads((results / "summary.json").read_text())
+    verdicts = summary["claims"]["Overthinking: some speed-up costs nothing"]
+    assert verdicts
+    for task, verdict in verdicts.items():
+        if verdict["verdict"] == "untestable":
+            continue
+        per_policy = summary["tasks"][task]["overthinking"].values()
+        some = any((r["speedup"]["median"] or 0) > 1.05 and r["delta"]["median"] >= -1e-9 for r in per_policy)
+        assert verdict["verdict"] == ("held" if some else "refuted"), task
