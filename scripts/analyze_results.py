@@ -692,7 +692,8 @@ class Report:
                  "* patience keeps the score: PABEE at its best patience loses ≤ 0.5 against full depth at ≥ 1.3×;",
                  f"* DeeBERT: its entropy rule calibrated to {DEEBERT_SPEEDUP:.2f}× (40 % of layers saved) loses ≤ "
                  f"{NO_COST:g} (refuted if that speed-up is not reached within 5 %);",
-                 f"* ELBERT: its rule (monotonic window of 2 or 3 layers) calibrated to 2× loses ≤ {NO_COST:g};",
+                 f"* ELBERT: its rule (monotonic window of 2 or 3 layers) calibrated to 2× loses ≤ {NO_COST:g} "
+                 "(refuted if 2× is not reached within 5 %);",
                  "* PCEE ≥ PABEE (PCEE-BERT's protocol): PCEE calibrated to the speed-up PABEE reaches at each "
                  "patience scores at least as well as PABEE, at every patience where PABEE exits early (≥ 1.05×) and "
                  "PCEE lands within 5 % of its speed-up; PCEE reaches any target: all of 1.33× … 5×;",
