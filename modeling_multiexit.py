@@ -247,16 +247,23 @@ class ExitLossWeights(nn.Module):
 
 
 def per_layer_losses(all_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Unweighted loss of every exit, [L]: cross-entropy, or MSE for regression (num_labels == 1)."""
+    """Unweighted loss of every exit, [L]: cross-entropy over the rows whose label is not -100 (HF's ignore index),
+    or MSE for regression (num_labels == 1)."""
     num_layers, batch_size, num_labels = all_logits.shape
+    if labels.numel() != batch_size:
+        raise ValueError(f"expected one label per row ({batch_size}), got labels of shape {tuple(labels.shape)}: "
+                         "multi-label and multi-output regression are not supported by the exits' losses")
     if num_labels == 1:
         predictions = all_logits[..., 0].float()
         target = labels.to(predictions.dtype).view(1, batch_size).expand(num_layers, -1)
         return ((predictions - target) ** 2).mean(dim=1)
+    if labels.is_floating_point():
+        raise ValueError(f"classification ({num_labels} labels) needs integer class labels, got {labels.dtype}")
     flat_logits = all_logits.float().reshape(num_layers * batch_size, num_labels)
     flat_labels = labels.view(1, batch_size).expand(num_layers, -1).reshape(-1)
-    losses = nn.functional.cross_entropy(flat_logits, flat_labels, reduction="none")
-    return losses.view(num_layers, batch_size).mean(dim=1)
+    losses = nn.functional.cross_entropy(flat_logits, flat_labels, reduction="none").view(num_layers, batch_size)
+    counted = (labels.view(-1) != -100).sum().clamp(min=1)  # cross_entropy's mean: ignored rows count for nothing
+    return losses.sum(dim=1) / counted
 
 
 def fixed_loss_weights(weighting: str, num_layers: int) -> torch.Tensor:
@@ -341,6 +348,9 @@ class MultiExitMixin:
         want_info = bool(kwargs.pop("output_loading_info", False))
         model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         model._copy_pretrained_pooler_into_new_exits(set(loading_info["missing_keys"]))
+        # transformers rebuilds loaded parameters with requires_grad=True: freeze again the exits this stage and
+        # weighting leave untrained ("final"), or weight decay would move them
+        model.set_training_stage(model.training_stage)
         return (model, loading_info) if want_info else model
 
     def _pretrained_pooler(self) -> nn.Linear | None:
@@ -446,6 +456,9 @@ class MultiExitMixin:
             mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states,
                                              attention_mask=attention_mask, allow_is_bidirectional_skip=False)
         token_weights = None
+        if self.config.exit_pooling == "mean" and attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("exit_pooling 'mean' weighs tokens by a 2-D attention mask [batch, tokens]; got a "
+                             f"{attention_mask.dim()}-D mask")
         if self.config.exit_pooling == "mean" and attention_mask is not None and attention_mask.dim() == 2:
             weights = attention_mask.to(hidden_states.dtype).unsqueeze(-1)  # [b, T, 1]
             token_weights = TokenWeights(weights, weights.sum(dim=1).clamp(min=1.0))
@@ -561,9 +574,18 @@ class MultiExitMixin:
         return_dict: bool | None = None,
         **kwargs: object,
     ) -> MultiExitOutput | tuple:
-        """All exits in one pass. ``loss`` follows the training stage and the config's loss weighting."""
+        """All exits in one pass. ``loss`` follows the training stage and the config's loss weighting.
+
+        ``output_hidden_states`` and ``return_dict`` default to the config's, as in HF; as a tuple the output is
+        (loss, logits, all_logits, layer_losses, hidden_states), the entries that are not None."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if kwargs.get("output_attentions"):
+            raise ValueError("output_attentions is not supported by the multi-exit models")
+        if output_hidden_states is None:
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
         layer_logits, hidden_states = self._exit_loop(
             input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
             output_hidden_states=bool(output_hidden_states),
@@ -586,11 +608,14 @@ class MultiExitMixin:
         """The model's :class:`exit_cuda_graphs.ExitGraphs` (made on first use, for the device the model is on)."""
         from exit_cuda_graphs import DEFAULT_BUCKETS, ExitGraphs
 
-        device = next(self.parameters()).device
-        graphs = getattr(self, "_exit_graphs", None)
-        if graphs is None or graphs.device != device or buckets is not None or capture is not None:
+        # a captured graph replays the memory it was captured on: a new graph set when the weights moved (.to(),
+        # .half(), a round trip through the CPU), dropout switched, or the exits read differently
+        first, last = next(self.parameters()), next(self.exits[-1].parameters())
+        key = (first.device, first.dtype, first.data_ptr(), last.data_ptr(), self.training, self.config.exit_pooling)
+        cached_key, graphs = getattr(self, "_exit_graphs", (None, None))
+        if cached_key != key or buckets is not None or capture is not None:
             graphs = ExitGraphs(self, buckets or DEFAULT_BUCKETS, capture)
-            object.__setattr__(self, "_exit_graphs", graphs)  # not a submodule: no state dict, no .to()
+            object.__setattr__(self, "_exit_graphs", (key, graphs))  # not a submodule: no state dict, no .to()
         return graphs
 
     def early_exit(

@@ -877,3 +877,68 @@ def test_early_exit_needs_a_valid_policy():
         model.early_exit(**batch, policy=BudgetExit(layer=NUM_LAYERS + 1))
     with pytest.raises(ValueError, match="exactly one"):
         model(attention_mask=batch["attention_mask"])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# HF conventions a user of the Python API relies on
+
+
+def test_from_pretrained_keeps_untrained_exits_frozen(tmp_path):
+    """transformers rebuilds loaded parameters with requires_grad=True; an exit whose loss weight is 0 ("final") must
+    stay frozen after loading, or weight decay would move it."""
+    model = make_model("bert", exit_loss_weighting="final")
+    assert [any(p.requires_grad for p in head.parameters()) for head in model.exits] == [False] * 3 + [True]
+    model.save_pretrained(tmp_path)
+    loaded = MultiExitBertForSequenceClassification.from_pretrained(tmp_path)
+    assert [any(p.requires_grad for p in head.parameters()) for head in loaded.exits] == [False] * 3 + [True]
+
+
+def test_ignored_labels_count_for_nothing():
+    """Rows labelled -100 (HF's ignore index) are left out of each exit's mean, as F.cross_entropy does."""
+    model = make_model("bert").eval()
+    batch = padded_batch("bert", model.config)
+    labels = torch.tensor([0, 2, -100, -100])
+    out = model(**batch, labels=labels)
+    for depth in range(NUM_LAYERS):
+        assert_close(out.layer_losses[depth], F.cross_entropy(out.all_logits[depth].detach().float(), labels))
+
+
+@pytest.mark.parametrize("labels, message", [
+    (torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]), "one label per row"),
+    (torch.tensor([0.0, 2.0, 1.0, 2.0]), "needs integer class labels"),
+])
+def test_unsupported_labels_fail_clearly(labels, message):
+    model = make_model("bert").eval()
+    with pytest.raises(ValueError, match=message):
+        model(**padded_batch("bert", model.config), labels=labels)
+
+
+def test_output_settings_follow_the_config():
+    model = make_model("bert", config_overrides={"output_hidden_states": True}).eval()
+    batch = padded_batch("bert", model.config)
+    assert len(model(**batch).hidden_states) == NUM_LAYERS + 1
+    model.config.return_dict = False
+    output = model(**batch)
+    assert isinstance(output, tuple) and torch.equal(output[0], output[1][-1])  # (logits, all_logits, hidden)
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(**batch, output_attentions=True)
+
+
+def test_mean_pooled_exits_refuse_a_mask_they_cannot_weigh_tokens_by():
+    model = make_model("bert", exit_pooling="mean").eval()
+    batch = padded_batch("bert", model.config)
+    mask4d = batch["attention_mask"][:, None, None, :].float()
+    with pytest.raises(ValueError, match="2-D attention mask"):
+        model(input_ids=batch["input_ids"], attention_mask=mask4d)
+
+
+def test_exit_graphs_are_rebuilt_when_the_weights_move():
+    """A captured graph replays the memory it was captured on: a dtype change or new weights need a new graph set."""
+    model = make_model("bert").eval()
+    graphs = model.exit_graphs()
+    assert model.exit_graphs() is graphs  # the same while nothing changed
+    model.double()
+    assert model.exit_graphs() is not graphs
+    graphs = model.exit_graphs()
+    model.train()
+    assert model.exit_graphs() is not graphs
