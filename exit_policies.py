@@ -567,12 +567,15 @@ class ExitPolicy:
     def params(self) -> dict[str, object]:
         return asdict(self)
 
+    def shown_params(self) -> list[tuple[str, object]]:
+        """The (field, value) pairs a label shows: set ones, without the defaults ``label_omits`` leaves out."""
+        shown = [(f.name, getattr(self, f.name)) for f in fields(self)]
+        return [(name, value) for name, value in shown
+                if value is not None and not (name in self.label_omits and value == self.label_omits[name])]
+
     def label(self) -> str:
         """Compact, stable text for tables and file names, e.g. ``pabee(patience=3)``."""
-        shown = [(f.name, getattr(self, f.name)) for f in fields(self)]
-        args = ",".join(f"{name}={value}" for name, value in shown
-                        if value is not None and not (name in self.label_omits and value == self.label_omits[name]))
-        return f"{self.name}({args})"
+        return f"{self.name}({','.join(f'{name}={value}' for name, value in self.shown_params())})"
 
     def replace(self, **changes: object) -> ExitPolicy:
         """The same policy with some fields changed (validated like a new one)."""

@@ -456,10 +456,10 @@ class MultiExitMixin:
             mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states,
                                              attention_mask=attention_mask, allow_is_bidirectional_skip=False)
         token_weights = None
-        if self.config.exit_pooling == "mean" and attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError("exit_pooling 'mean' weighs tokens by a 2-D attention mask [batch, tokens]; got a "
-                             f"{attention_mask.dim()}-D mask")
-        if self.config.exit_pooling == "mean" and attention_mask is not None and attention_mask.dim() == 2:
+        if self.config.exit_pooling == "mean" and attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError("exit_pooling 'mean' weighs tokens by a 2-D attention mask [batch, tokens]; got a "
+                                 f"{attention_mask.dim()}-D mask")
             weights = attention_mask.to(hidden_states.dtype).unsqueeze(-1)  # [b, T, 1]
             token_weights = TokenWeights(weights, weights.sum(dim=1).clamp(min=1.0))
         return hidden_states, mask, token_weights

@@ -188,15 +188,17 @@ def apply_seed_conventions(args: argparse.Namespace) -> None:
 def warn_unused_flags(args: argparse.Namespace) -> None:
     """Flags that this command line gives but that do nothing in it: legal, but said (after apply_seed_conventions,
     which decides DeeBERT's two stages)."""
+    if not args.do_train:  # every flag below is a training flag
+        return
     unused = []
-    if args.do_train and args.deebert_two_stage and args.exit_loss is not None:
+    if args.deebert_two_stage and args.exit_loss is not None:
         unused.append(f"--exit_loss {args.exit_loss} (DeeBERT's stages train the final exit, then the sum of the "
                       "off-ramps' losses)")
-    if args.do_train and args.stage2_learning_rate is not None and not args.deebert_two_stage:
+    if args.stage2_learning_rate is not None and not args.deebert_two_stage:
         unused.append("--stage2_learning_rate (only DeeBERT's two stages have a stage 2)")
-    if args.do_train and args.exit_weight_learning_rate != ELBERT_WEIGHT_LEARNING_RATE and args.exit_loss != "learned":
+    if args.exit_weight_learning_rate != ELBERT_WEIGHT_LEARNING_RATE and args.exit_loss != "learned":
         unused.append("--exit_weight_learning_rate (for --exit_loss learned)")
-    if args.do_train and args.warmup_steps > 0 and args.warmup_ratio > 0:
+    if args.warmup_steps > 0 and args.warmup_ratio > 0:
         unused.append("--warmup_ratio (--warmup_steps is given and wins, as in transformers)")
     for flag in unused:
         logger.warning("ignored: %s", flag)

@@ -195,11 +195,9 @@ class ResultWriter:
 
 
 def _setting_text(row: dict) -> str:
-    """A record's setting as its policy labels it (defaults it omits left out), floats to 6 significant digits (a
-    calibrated threshold has all of float64's)."""
-    omits = POLICIES[row["policy"]].label_omits
-    shown = [(key, value) for key, value in row["params"].items()
-             if value is not None and not (key in omits and value == omits[key])]
+    """A record's setting as its policy labels it, floats to 6 significant digits (a calibrated threshold has all of
+    float64's)."""
+    shown = POLICIES[row["policy"]](**row["params"]).shown_params()
     return ",".join(f"{key}={value:.6g}" if isinstance(value, float) else f"{key}={value}" for key, value in shown)
 
 
@@ -390,7 +388,6 @@ def write_deebert_plot_data(args: argparse.Namespace, task: TaskSpec, per_layer:
     # inside --plot_data_dir whatever the path: '..' parts dropped (as DeeBERT's [2:] dropped a leading './')
     model_name = os.path.join(*[part for part in os.path.normpath(args.model_name_or_path).split(os.sep)
                                 if part not in ("", os.curdir, os.pardir)] or ["model"])
-    model_name = model_name if model_name not in (".", "") else "model"
     folder = os.path.join(args.plot_data_dir, model_name)
     os.makedirs(folder, exist_ok=True)
     if args.eval_each_highway:
