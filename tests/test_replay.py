@@ -20,6 +20,8 @@ from exit_policies import (
 )
 from exit_replay import (
     calibrate,
+    calibrate_held_out,
+    choose_setting,
     compare_with_online,
     curves_from_scores,
     default_grid,
@@ -292,6 +294,50 @@ def test_calibrate_rejects_bad_requests(cache) -> None:
         )
     with pytest.raises(UserInputError):
         calibrate(EntropyExit(threshold=0.1), layer_logits, labels, accuracy, "acc", target_speedup=0.5)
+
+
+def _two_halves(first_half_max_prob: float, second_half_max_prob: float, per_half: int):  # noqa: ANN202
+    """Cached logits whose layer-1 max-prob is one value on the first half of the examples and another on the
+    second (binary task, 4 layers, the deeper layers sure and right); layer 1 is right on the first half only."""
+    half_labels = np.array([0, 1] * per_half)[:per_half]
+
+    def rows(max_prob: float, right: bool) -> torch.Tensor:
+        margin = math.log(max_prob / (1 - max_prob))
+        layer_1 = torch.tensor([[margin, 0.0] if (label == 0) == right else [0.0, margin] for label in half_labels])
+        deep = torch.tensor([[9.0, 0.0] if label == 0 else [0.0, 9.0] for label in half_labels])
+        return torch.stack([layer_1, deep, deep, deep], dim=1)
+
+    layer_logits = torch.cat([rows(first_half_max_prob, True), rows(second_half_max_prob, False)])
+    return layer_logits, np.tile(half_labels, 2)
+
+
+def test_calibrate_held_out_chooses_on_the_first_half_and_scores_on_the_second() -> None:
+    layer_logits, labels = _two_halves(0.9, 0.6, per_half=10)
+    result = calibrate_held_out([MaxProbExit(threshold=0.5)], layer_logits, labels, accuracy, "acc", target_speedup=4.0)
+    chosen = result.calibration
+    # the first half alone decides: every example there exits at layer 1 (speed-up 4, all right) with the least
+    # aggressive threshold that still lets them, just under their 0.9
+    assert chosen.reached_target and chosen.calibration_score.num_examples == 10
+    assert chosen.calibration_score.speedup == pytest.approx(4.0) and chosen.calibration_score.metrics["acc"] == 1.0
+    assert 0.6 < chosen.policy.threshold <= 0.9 + 1e-6  # 0.9 as float32 softmax computes it
+    # the second half, never seen by the choice, is scored as it is: 0.6 < threshold, so nothing exits at layer 1
+    held_out = result.held_out
+    assert held_out.policy == chosen.policy and held_out.num_examples == 10
+    np.testing.assert_array_equal(held_out.exit_layers, np.full(10, 2))
+    assert held_out.speedup == pytest.approx(2.0) and held_out.metrics["acc"] == 1.0
+    # choosing on the whole set would have given another setting: the halves were not pooled
+    pooled = choose_setting([MaxProbExit(threshold=0.5)], layer_logits, labels, accuracy, "acc", target_speedup=4.0)
+    assert pooled.policy.threshold <= 0.6
+
+
+def test_calibrate_held_out_splits_an_odd_set_and_refuses_a_tiny_one() -> None:
+    layer_logits, labels = _two_halves(0.9, 0.6, per_half=5)
+    layer_logits, labels = torch.cat([layer_logits, layer_logits[:1]]), np.append(labels, labels[0])  # 11 examples
+    result = calibrate_held_out([MaxProbExit(threshold=0.5)], layer_logits, labels, accuracy, "acc", target_speedup=4.0)
+    assert result.calibration.calibration_score.num_examples == 5 and result.held_out.num_examples == 6
+    with pytest.raises(UserInputError, match="at least 4 labelled eval examples"):
+        calibrate_held_out([MaxProbExit(threshold=0.5)], layer_logits[:3], labels[:3], accuracy, "acc",
+                           target_speedup=2.0)
 
 
 # --------------------------------------------------------------------------------------------------------------------

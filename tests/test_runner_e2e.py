@@ -17,8 +17,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
+import exit_policies
 import multiexit_args
+import multiexit_evaluation
 import run_glue_with_exits
 from glue_data import compute_metrics, get_task
 
@@ -99,6 +102,67 @@ def test_online_equals_replay_example_by_example(trained_run):  # noqa: ANN001
         a, b = read_details(trained_run, record), read_details(trained_run, twin)
         np.testing.assert_array_equal(a["exit_layer"], b["exit_layer"])
         np.testing.assert_array_equal(a["prediction"], b["prediction"])
+
+
+def _threshold_splitting(values: np.ndarray) -> float:
+    """A threshold strictly between the two middle distinct values, so some examples pass it and some do not."""
+    distinct = np.unique(values)
+    assert len(distinct) >= 2, "the trained exits give every example the same score; nothing can split them"
+    middle = len(distinct) // 2
+    return float((distinct[middle - 1] + distinct[middle]) / 2)
+
+
+def _online_argv(trained_run: str, mrpc_dir: str, output_dir: str, entropy: float, maxprob: float) -> list[str]:
+    return ["--model_type", "bert", "--model_name_or_path", trained_run, "--task_name", "mrpc",
+            "--data_dir", mrpc_dir, "--output_dir", output_dir, "--do_eval", "--max_eval_samples", "24",
+            "--per_gpu_eval_batch_size", "1", "--early_exit_entropy", repr(entropy),
+            "--maxprob_threshold", repr(maxprob), "--online", "--verify_online",
+            "--timing_repeats", "1", "--timing_warmup", "0"]
+
+
+def _mid_depth_thresholds(trained_run: str) -> tuple[float, float]:
+    """DeeBERT and max-prob thresholds chosen from the saved layer-1 logits so that the exit is decided per example
+    (some exit at layer 1, some go on): online == replay then checks the decision, not just "never exit"."""
+    logits = torch.from_numpy(np.load(os.path.join(trained_run, "layer_logits", "final_dev_logits.npy")))
+    first_layer = logits[:, 0].float()
+    return (_threshold_splitting(exit_policies.entropy(first_layer).numpy()),
+            _threshold_splitting(torch.softmax(first_layer, dim=-1).amax(dim=-1).numpy()))
+
+
+def test_online_equals_replay_when_examples_exit_at_different_depths(trained_run, mrpc_dir, tmp_path):  # noqa: ANN001
+    entropy, maxprob = _mid_depth_thresholds(trained_run)
+    output_dir = str(tmp_path / "online")
+    assert run_glue_with_exits.cli(_online_argv(trained_run, mrpc_dir, output_dir, entropy, maxprob)) == 0
+    records = read_records(output_dir)
+    replayed = {(r["policy"], json.dumps(r["params"], sort_keys=True)): r for r in records if r["mode"] == "replay"}
+    online = {r["policy"]: r for r in records if r["mode"] == "online"}
+    assert set(online) == {"deebert", "maxprob"}
+    for policy, record in online.items():
+        assert record["verified_against_replay"] is True
+        mine = read_details(output_dir, record)
+        twin = read_details(output_dir, replayed[(policy, json.dumps(record["params"], sort_keys=True))])
+        assert set(mine["exit_layer"].tolist()) == {1, 2}, f"{policy}: every example exited at the same layer"
+        np.testing.assert_array_equal(mine["exit_layer"], twin["exit_layer"])
+        np.testing.assert_array_equal(mine["prediction"], twin["prediction"])
+
+
+def test_verify_online_raises_when_online_differs_from_replay(trained_run, mrpc_dir, tmp_path, monkeypatch):  # noqa: ANN001
+    """Plant a one-example bug in the online path (its first example reports the other exit layer): --verify_online
+    must stop the run rather than write a record that disagrees with the replay."""
+    real_run_online = multiexit_evaluation.run_online
+
+    def run_online_with_a_bug(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        result = real_run_online(*args, **kwargs)
+        result["exit_layers"] = result["exit_layers"].copy()
+        result["exit_layers"][0] = 3 - result["exit_layers"][0]  # 1 <-> 2
+        return result
+
+    monkeypatch.setattr(multiexit_evaluation, "run_online", run_online_with_a_bug)
+    entropy, maxprob = _mid_depth_thresholds(trained_run)
+    output_dir = str(tmp_path / "planted")
+    with pytest.raises(RuntimeError, match=r"online early exit differs from the replay .* on 1 examples"):
+        run_glue_with_exits.cli(_online_argv(trained_run, mrpc_dir, output_dir, entropy, maxprob))
+    assert not any(r["mode"] == "online" for r in read_records(output_dir))
 
 
 def test_artifacts(trained_run):  # noqa: ANN001
