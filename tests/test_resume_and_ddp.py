@@ -274,6 +274,42 @@ def test_interrupted_run_leaves_only_complete_checkpoints(resumed: dict) -> None
         torch.load(os.path.join(checkpoint, "training_state.pt"), weights_only=True)  # no pickle needed
 
 
+@pytest.mark.parametrize("saving", ["checkpoint-6", "final model"])
+def test_ctrl_c_while_saving_leaves_nothing_half_written(saving: str, tiny_dropout: tuple[Path, Path],
+                                                         tmp_path: Path) -> None:
+    """Ctrl-C after the weights of checkpoint-6 (or of the final model) are on disk but before the rest of that save
+    is: the runner's own save path must leave no folder or file under its final name, no temporary left over, the
+    earlier checkpoints whole, and a resume that finishes the run."""
+    model, data = tiny_dropout
+    flags = ["--per_gpu_train_batch_size", 4, "--max_steps", 9, "--save_steps", 3]
+    staging_prefix = ".tmp-checkpoint-6-" if saving == "checkpoint-6" else ".tmp-staged-"
+    from transformers import PreTrainedModel
+
+    original_save = PreTrainedModel.save_pretrained
+
+    def save_then_interrupt(self: PreTrainedModel, directory: str, *args: object, **kwargs: object) -> None:
+        original_save(self, directory, *args, **kwargs)
+        if os.path.basename(directory).startswith(staging_prefix):
+            assert os.path.isfile(os.path.join(directory, "model.safetensors"))  # the weights were written
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PreTrainedModel, "save_pretrained", save_then_interrupt)
+        status, stderr = run_main(_train_args(model, data, tmp_path, flags))
+    assert status == 130 and "interrupted" in stderr
+    files = sorted(os.listdir(tmp_path))
+    assert not [name for name in files if name.startswith((".tmp-", ".old-"))], files
+    assert not {"model.safetensors", "config.json", "tokenizer.json", "exit_results.jsonl"} & set(files), files
+    expected = ["checkpoint-3"] if saving == "checkpoint-6" else ["checkpoint-3", "checkpoint-6", "checkpoint-9"]
+    assert [os.path.basename(c) for c in list_checkpoints(str(tmp_path))] == expected
+    assert sorted(name for name in files if name.startswith("checkpoint-")) == expected
+    for checkpoint in expected:
+        assert multiexit_training._is_resumable(str(tmp_path / checkpoint)), checkpoint
+    status, stderr = run_main(_train_args(model, data, tmp_path, [*flags, "--resume_from_checkpoint", "latest"]))
+    assert status == 0, stderr
+    assert (tmp_path / "model.safetensors").is_file() and len(read_records(tmp_path)) == 4
+
+
 def test_resumed_run_reaches_the_same_weights(resumed: dict) -> None:
     straight = load_file(resumed["straight"] / "model.safetensors")
     again = load_file(resumed["interrupted"] / "model.safetensors")
