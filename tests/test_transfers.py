@@ -2,7 +2,9 @@
 
 Counted on CPU: every host read of the decision goes through :func:`exit_policies.read_row` (spied on here), and a
 TorchDispatchMode sees every tensor operation, including the ones that read a device value on the host
-(``item()``, ``bool()``, ``nonzero``, ...), which must not happen at all. A decision itself runs no tensor operation.
+(``item()``, ``bool()``, ``nonzero``, ...), which must not happen at all. The host reads a CPU tensor serves without
+the dispatcher (``tolist``, ``numpy``, ``cpu``, ``__array__``) are spied on directly and must be exactly read_row's.
+A decision itself runs no tensor operation.
 The one host read that a CPU input gets and a GPU input does not, the all-ones test of a CPU attention mask in
 ``MultiExitMixin._prepare`` (through numpy, on host memory), is no synchronisation: a mask on a GPU is never tested.
 """
@@ -54,6 +56,29 @@ def read_counter(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+# host reads that bypass the dispatcher on a CPU tensor (on a GPU each is a copy and a synchronisation)
+HOST_READS = ("tolist", "numpy", "cpu", "__array__")
+
+
+@pytest.fixture
+def host_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts of calls to each of ``HOST_READS``: the dispatch log cannot see them on CPU."""
+    counts = dict.fromkeys(HOST_READS, 0)
+
+    def spy(name: str):  # noqa: ANN202
+        original = getattr(torch.Tensor, name)
+
+        def counting(self: torch.Tensor, *args: object, **kwargs: object) -> object:
+            counts[name] += 1
+            return original(self, *args, **kwargs)
+
+        return counting
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, spy(name))
+    return counts
+
+
 @dataclass(frozen=True)
 class ExitAtEveryLayerRead(exit_policies.ExitPolicy):
     """Exits at ``layer`` like a budget but reads every exit, as a stateful rule does (unregistered: no name)."""
@@ -67,8 +92,8 @@ class ExitAtEveryLayerRead(exit_policies.ExitPolicy):
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 @pytest.mark.parametrize("exit_at", [1, 3, 6])
 @pytest.mark.parametrize("policy_type", [ExitAtEveryLayerRead, BudgetExit])
-def test_one_transfer_per_layer_and_no_other_sync(read_counter: list[int], pooling: str, exit_at: int,
-                                                  policy_type: type) -> None:
+def test_one_transfer_per_layer_and_no_other_sync(read_counter: list[int], host_reads: dict[str, int], pooling: str,
+                                                  exit_at: int, policy_type: type) -> None:
     torch.manual_seed(0)
     config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=6, num_attention_heads=2,
                         intermediate_size=37, num_labels=2)
@@ -81,6 +106,9 @@ def test_one_transfer_per_layer_and_no_other_sync(read_counter: list[int], pooli
     assert read_counter[0] == (1 if policy_type is BudgetExit else exit_at)
     synchronising = [name for name in log.names if name.split(".")[0] in (*SYNCHRONISING, "device_copy")]
     assert synchronising == [], synchronising
+    # and no host read besides those: read_row's one tolist() per read layer, and the documented numpy() all-ones
+    # test of the CPU mask (a GPU mask is never read)
+    assert host_reads == {"tolist": read_counter[0], "numpy": 1, "cpu": 0, "__array__": 0}
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
