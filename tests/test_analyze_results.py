@@ -223,3 +223,81 @@ def test_overthinking_verdict_follows_its_stated_rule(study: tuple[Path, dict]) 
         per_policy = summary["tasks"][task]["overthinking"].values()
         some = any((r["speedup"]["median"] or 0) > 1.05 and r["delta"]["median"] >= -1e-9 for r in per_policy)
         assert verdict["verdict"] == ("held" if some else "refuted"), task
+
+
+def _verdicts_by_the_stated_rules(summary: dict) -> dict[tuple[str, str], str]:
+    """Every testable verdict recomputed from the numbers summary.json stores for its task, by the rules as
+    claims.md states them (×100 points; "reached" = median speed-up within 5 % of the target)."""
+    def reached(result: dict) -> bool:
+        return abs(result["speedup"]["median"] / result["target"] - 1) <= 0.05
+
+    def no_worse_than(delta: dict, points: float) -> bool:
+        return delta["median"] * 100 >= -points
+
+    expected = {}
+    for task, numbers in summary["tasks"].items():
+        for head in ("linear", "shared_pooler"):
+            cost = numbers.get("final_layer_cost", {}).get(f"weighted-{head}")
+            if cost and cost["median"] is not None:
+                expected[(f"PABEE: exits at every layer cost the final layer nothing ({head} head)", task)] = (
+                    "held" if no_worse_than(cost, 1.0) else "refuted")
+            pabee = numbers.get("pabee", {}).get(head)
+            if pabee:
+                held = no_worse_than(pabee["delta"], 0.5) and pabee["speedup"]["median"] >= 1.3
+                expected[(f"PABEE: patience keeps the full model's score at a speed-up ({head} head)", task)] = (
+                    "held" if held else "refuted")
+            deebert = numbers.get("deebert_40", {}).get(head)
+            if deebert:
+                assert deebert["target"] == pytest.approx(1 / 0.6)  # 40 % of the layers saved
+                expected[(f"DeeBERT: ~40 % of the layers saved with minimal loss ({head} head)", task)] = (
+                    "held" if reached(deebert) and no_worse_than(deebert["delta"], 1.0) else "refuted")
+        elbert = numbers.get("elbert_2x")
+        if elbert:
+            assert elbert["target"] == 2.0
+            expected[("ELBERT: at least 2× with negligible loss", task)] = (
+                "held" if reached(elbert) and no_worse_than(elbert["delta"], 1.0) else "refuted")
+        patiences = numbers.get("pcee_vs_pabee", {}).get("patiences")
+        if patiences is not None:
+            # compared: PCEE lands within 5 % of the speed-up PABEE reaches (PABEE exiting early is a precondition
+            # of the row existing); held when PCEE scores at least as well at every compared patience
+            compared = [row for row in patiences.values()
+                        if abs(row["pcee_speedup"]["median"] / row["pabee_speedup"]["median"] - 1) <= 0.05]
+            wins = [row for row in compared if row["delta"]["median"] >= -1e-9]
+            expected[("PCEE-BERT: PCEE ≥ PABEE at PABEE's speed-ups", task)] = (
+                "untestable" if not compared else "held" if len(wins) == len(compared) else "refuted")
+            table = numbers["matched"]["policies"]
+            reaches = {name: [target for target, cell in table[name].items()
+                              if abs(cell["speedup"]["median"] / float(target) - 1) <= 0.05]
+                       for name in ("pcee", "pabee")}
+            all_targets = ["1.33", "1.5", "2.0", "2.5", "3.0", "4.0", "5.0"]
+            assert sorted(table["pcee"], key=float) == all_targets
+            held = reaches["pcee"] == all_targets and len(reaches["pabee"]) < len(all_targets)
+            expected[("PCEE-BERT: PCEE reaches any target speed-up (PABEE, budget cannot)", task)] = (
+                "held" if held else "refuted")
+    return expected
+
+
+def _check_verdicts(summary: dict) -> int:
+    claims, checked = summary["claims"], 0
+    for (claim, task), verdict in _verdicts_by_the_stated_rules(summary).items():
+        stored = claims[claim][task]["verdict"]
+        if stored != "untestable" or verdict == "untestable":  # "the model learned nothing" overrides a rule
+            assert stored == verdict, (claim, task, stored, verdict)
+            checked += 1
+    return checked
+
+
+def test_every_verdict_follows_its_stated_rule(study: tuple[Path, dict]) -> None:
+    results, _ = study
+    summary = json.loads((results / "summary.json").read_text())
+    assert _check_verdicts(summary) >= 10
+    # STS-B is a regression: the rules that read class probabilities cannot be applied to it
+    for claim in ("DeeBERT: ~40 % of the layers saved with minimal loss (linear head)",
+                  "ELBERT: at least 2× with negligible loss", "PCEE-BERT: PCEE ≥ PABEE at PABEE's speed-ups"):
+        assert summary["claims"][claim]["STS-B"]["verdict"] == "untestable"
+
+
+def test_the_committed_study_verdicts_follow_their_stated_rules() -> None:
+    """The same recomputation on the study committed in results/ (the numbers the README quotes)."""
+    summary = json.loads((ROOT / "results" / "summary.json").read_text())
+    assert _check_verdicts(summary) >= 30
