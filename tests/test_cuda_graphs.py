@@ -3,15 +3,31 @@
 On CPU the same static-buffer code runs without capture (``capture=False``), which tests the bucketing and padding:
 the answers equal eager early exit on the same padded input bit for bit, and the unpadded input's up to float
 rounding with the same exits. On a GPU the captured graphs must give eager's answers on the padded input exactly.
+
+A random model's exits are near uniform, so fixed thresholds would let every input run to the last layer (or leave at
+the first) and test nothing of the decision. The exit heads are sharpened and each threshold is set between the
+values the inputs reach at the layers below the last, so the inputs leave at different depths, mid-depth included.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers import AlbertConfig, BertConfig, RobertaConfig
 
-from exit_policies import BudgetExit, EntropyExit, PatienceExit, PCEEExit
+from exit_policies import (
+    BudgetExit,
+    ELBERTExit,
+    EntropyExit,
+    ExitPolicy,
+    MaxProbExit,
+    PatienceExit,
+    PCEEExit,
+    entropy,
+    normalized_entropy,
+    replay,
+)
 from modeling_multiexit_albert import MultiExitAlbertForSequenceClassification
 from modeling_multiexit_bert import MultiExitBertForSequenceClassification, MultiExitRobertaForSequenceClassification
 
@@ -30,6 +46,11 @@ def make_model(kind: str, pooling: str) -> torch.nn.Module:
             AlbertConfig(embedding_size=16, num_hidden_groups=2, **SIZES), exit_pooling=pooling)
     else:
         model = MultiExitRobertaForSequenceClassification(RobertaConfig(pad_token_id=1, **SIZES), exit_pooling=pooling)
+    with torch.no_grad():  # sharpen the exits: a random head's near-uniform answers would all look alike
+        for head in model.exits:
+            for parameter in head.parameters():
+                if parameter.dim() == 2:
+                    parameter.mul_(40)
     return model.eval()
 
 
@@ -41,7 +62,35 @@ def padded(input_ids: torch.Tensor, length: int, pad: int) -> tuple[torch.Tensor
     return ids, mask
 
 
-POLICIES = [BudgetExit(layer=2), PatienceExit(patience=1), EntropyExit(threshold=1.05), PCEEExit(patience=1, tau=0.99)]
+def _between_middle_values(values: torch.Tensor) -> float:
+    """The midpoint of the widest gap between consecutive distinct values in the middle half: inputs fall on both
+    sides, and float rounding (padding, a batch, autocast) cannot move a value across it."""
+    distinct = np.unique(values.flatten().double().cpu().numpy())
+    low, high = len(distinct) // 4, max(len(distinct) * 3 // 4, len(distinct) // 4 + 2)
+    middle = distinct[low:high]
+    widest = int(np.argmax(np.diff(middle)))
+    return float((middle[widest] + middle[widest + 1]) / 2)
+
+
+def policies_for(model: torch.nn.Module, inputs: list[torch.Tensor]) -> list[ExitPolicy]:
+    """A budget, PABEE, and the threshold rules with thresholds between the values ``inputs`` reach below the last
+    layer (from the eager all-exits pass), so that the decision, not a constant, sets each exit."""
+    with torch.no_grad():
+        below_last = torch.cat([model(ids).all_logits.transpose(0, 1)[:, :-1].float() for ids in inputs])
+    uncertainty = _between_middle_values(normalized_entropy(below_last))
+    return [BudgetExit(layer=2), PatienceExit(patience=1),
+            EntropyExit(threshold=_between_middle_values(entropy(below_last))),
+            MaxProbExit(threshold=_between_middle_values(below_last.softmax(-1).amax(-1))),
+            PCEEExit(patience=1, tau=uncertainty), PCEEExit(patience=2, tau=uncertainty, ensemble="pcee"),
+            ELBERTExit(delta=uncertainty, window=2, criterion="monotonic")]
+
+
+def assert_exits_spread(exit_layers: dict[str, list[int]], num_layers: int) -> None:
+    """Each threshold rule sends the inputs to more than one depth, and some input leaves mid-depth."""
+    for label, layers in exit_layers.items():
+        if label.startswith(("deebert", "maxprob", "pcee(patience=1")):
+            assert len(set(layers)) > 1, (label, layers)
+    assert any(1 < layer < num_layers for layers in exit_layers.values() for layer in layers), exit_layers
 
 
 @pytest.mark.parametrize("kind", ["bert", "albert", "roberta"])
@@ -51,11 +100,13 @@ def test_static_buffers_match_eager(kind: str, pooling: str) -> None:
     graphs = model.exit_graphs(buckets=(8, 16, 32), capture=False)
     pad = model.config.pad_token_id or 0
     generator = torch.Generator().manual_seed(1)
-    for length in (3, 8, 11, 17):
-        ids = torch.randint(2, 50, (1, length), generator=generator)
+    inputs = [torch.randint(2, 50, (1, length), generator=generator) for length in (3, 8, 11, 17)]
+    policies, exit_layers = policies_for(model, inputs), {}
+    for ids in inputs:
+        length = ids.shape[1]
         bucket = graphs.bucket_for(length)
         assert bucket == min(b for b in graphs.buckets if b >= length)
-        for policy in POLICIES:
+        for policy in policies:
             graphed = model.early_exit(ids, policy=policy, cuda_graphs=True)
             padded_ids, padded_mask = padded(ids, bucket, pad)
             eager_padded = model.early_exit(padded_ids, padded_mask, policy=policy)
@@ -64,6 +115,8 @@ def test_static_buffers_match_eager(kind: str, pooling: str) -> None:
             eager = model.early_exit(ids, policy=policy)
             assert torch.equal(graphed.exit_layers, eager.exit_layers), (kind, pooling, length, policy)
             torch.testing.assert_close(graphed.logits, eager.logits, atol=1e-5, rtol=1e-5)
+            exit_layers.setdefault(policy.label(), []).append(int(graphed.exit_layers))
+    assert_exits_spread(exit_layers, SIZES["num_hidden_layers"])
 
 
 def test_longest_bucket_is_the_model_positions() -> None:
@@ -83,31 +136,36 @@ def test_captured_graphs_match_eager_on_gpu(pooling: str, autocast: torch.dtype 
     model = make_model("bert", pooling).cuda()
     model.exit_graphs(buckets=(16, 32), capture=True)
     generator = torch.Generator().manual_seed(2)
+    inputs = [torch.randint(2, 50, (1, length), generator=generator).cuda() for length in (5, 16, 23, 9)]
+    policies, exit_layers = policies_for(model, inputs), {}
     context = torch.autocast("cuda", dtype=autocast, enabled=autocast is not None)
     with context:  # graphs are captured on first use, under the same autocast as every later call
-        for length in (5, 16, 23):
-            ids = torch.randint(2, 50, (1, length), generator=generator).cuda()
-            for policy in POLICIES:
+        for ids in inputs:
+            length = ids.shape[1]
+            for policy in policies:
                 graphed = model.early_exit(ids, policy=policy, cuda_graphs=True)
                 padded_ids, padded_mask = padded(ids.cpu(), model.exit_graphs().bucket_for(length), 0)
                 eager = model.early_exit(padded_ids.cuda(), padded_mask.cuda(), policy=policy)
                 assert torch.equal(graphed.exit_layers, eager.exit_layers)
                 assert torch.equal(graphed.logits, eager.logits)
                 assert torch.isfinite(graphed.logits).all()
+                exit_layers.setdefault(policy.label(), []).append(int(graphed.exit_layers))
+    assert any(1 < layer < SIZES["num_hidden_layers"] for layers in exit_layers.values() for layer in layers)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_batch_size_one_batched_and_replay_agree_on_gpu() -> None:
     """On a GPU too, each row exits where it would alone: batch size 1 (eager), the batch (rows leaving it) and the
     replay of the all-exits pass agree on every exit layer and prediction."""
-    from exit_policies import replay
-
     model = make_model("bert", "cls").cuda()
     generator = torch.Generator().manual_seed(3)
     ids = torch.randint(2, 50, (8, 12), generator=generator).cuda()
     with torch.no_grad():
         cache = model(ids).all_logits.transpose(0, 1).float().cpu()
-    for policy in POLICIES:
+    policies = policies_for(model, [ids])
+    assert_exits_spread({p.label(): replay(p, cache).exit_layer.tolist() for p in policies},
+                        SIZES["num_hidden_layers"])
+    for policy in policies:
         replayed = replay(policy, cache)
         batched = model.early_exit(ids, policy=policy)
         singles = [model.early_exit(ids[i: i + 1], policy=policy) for i in range(8)]
