@@ -815,19 +815,28 @@ def token_batch(seed: int = 1) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def test_deebert_off_ramp_poolers_start_as_the_pretrained_pooler(tmp_path):
+@pytest.mark.parametrize("kind", ["bert", "albert"])
+def test_deebert_off_ramp_poolers_start_as_the_pretrained_pooler(kind, tmp_path):
     """castorini/DeeBERT examples/run_highway_glue.py main: after loading the pretrained model it calls
     ``model.bert.init_highway_pooler()``, and transformers/modeling_highway_bert.py BertEncoder.init_highway_pooler
     copies (``param.copy_``) the pretrained pooler's weights into every highway's BertPooler. Loading a stock BERT
-    checkpoint with ``pooler`` exits must do the same: every exit pooler equals bert.pooler.dense, as a copy (the
-    ramps' poolers train on their own in stage 2 while the backbone's stays frozen)."""
+    (or ALBERT, whose pooler is ``albert.pooler``) checkpoint with ``pooler`` exits must do the same: every exit
+    pooler equals the pretrained pooler, as a copy (the ramps' poolers train on their own in stage 2 while the
+    backbone's stays frozen)."""
+    from modeling_multiexit_albert import MultiExitAlbertForSequenceClassification
     from modeling_multiexit_bert import MultiExitBertForSequenceClassification
 
-    stock = tiny_stock_bert(tmp_path)
-    model = MultiExitBertForSequenceClassification.from_pretrained(tmp_path, exit_head_type="pooler")
-    dense = model.bert.pooler.dense
-    assert torch.equal(dense.weight, stock.bert.pooler.dense.weight)
-    assert len(model.exits) == 2
+    if kind == "bert":
+        stock = tiny_stock_bert(tmp_path)
+        model = MultiExitBertForSequenceClassification.from_pretrained(tmp_path, exit_head_type="pooler")
+        dense, stock_dense = model.bert.pooler.dense, stock.bert.pooler.dense
+    else:
+        stock = tiny_stock_albert(tmp_path)
+        model = MultiExitAlbertForSequenceClassification.from_pretrained(tmp_path, exit_head_type="pooler")
+        dense, stock_dense = model.albert.pooler, stock.albert.pooler
+    assert torch.equal(dense.weight, stock_dense.weight)
+    assert len(model.exits) == model.config.num_hidden_layers
+    assert not torch.equal(dense.weight, torch.zeros_like(dense.weight))
     for depth, head in enumerate(model.exits):
         assert torch.equal(head.pooler.weight, dense.weight), f"exit {depth + 1}: pooler weight is not the pretrained"
         assert torch.equal(head.pooler.bias, dense.bias), f"exit {depth + 1}: pooler bias is not the pretrained"
