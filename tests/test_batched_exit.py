@@ -268,7 +268,8 @@ def _layer_call_sizes(model) -> tuple[list[int], list]:
 def test_loop_stops_when_everything_exits_at_layer_1(kind: str, policy: ExitPolicy) -> None:
     setup = get_setup(kind)
     if setup.layer_logits.shape[-1] == 1 and not policy.supports_regression:
-        with pytest.raises(UserInputError):  # refused before any layer runs, not silently exited at layer 1
+        # refused before any layer runs, not silently exited at layer 1
+        with pytest.raises(UserInputError, match="does not support regression"):
             setup.model.early_exit(**setup.batch(), policy=policy)
         return
     model = setup.model

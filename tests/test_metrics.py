@@ -138,5 +138,5 @@ def test_keys_and_plain_float_values(name: str) -> None:
     ids=["length-mismatch", "logits", "empty"],
 )
 def test_bad_shapes_raise_value_error(preds: np.ndarray, labels: np.ndarray) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="1-D arrays of the same length|zero examples"):
         compute_metrics(get_task("sst2"), preds, labels)

@@ -873,7 +873,7 @@ def test_early_exit_needs_a_valid_policy():
     batch = padded_batch("bert", model.config)
     with pytest.raises(ValueError, match="ExitPolicy"):
         model.early_exit(**batch)
-    with pytest.raises(UserInputError):
+    with pytest.raises(UserInputError, match=f"but the model has only {NUM_LAYERS} layers"):
         model.early_exit(**batch, policy=BudgetExit(layer=NUM_LAYERS + 1))
     with pytest.raises(ValueError, match="exactly one"):
         model(attention_mask=batch["attention_mask"])
