@@ -303,7 +303,7 @@ def test_hidden_states_equal_stock_forward(kind, overrides, attn):
     theirs = (theirs[0], *theirs[inner::inner])
     assert len(ours) == len(theirs) == model.config.num_hidden_layers + 1
     for depth, (mine, stock_hidden) in enumerate(zip(ours, theirs)):
-        torch.testing.assert_close(mine, stock_hidden, atol=1e-6, rtol=0, msg=f"hidden state {depth} differs")
+        assert torch.equal(mine, stock_hidden), f"hidden state {depth} differs"
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -675,7 +675,7 @@ def test_stock_sequence_classification_checkpoint_loads(tmp_path):
     with torch.no_grad():
         model.exits[-1].classifier.load_state_dict(stock.classifier.state_dict())
         batch = padded_batch("bert", model.config)
-        torch.testing.assert_close(model(**batch).logits, stock(**batch).logits, atol=1e-6, rtol=0)
+        assert torch.equal(model(**batch).logits, stock(**batch).logits)
 
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)
@@ -696,7 +696,7 @@ def test_stock_base_model_loads_our_checkpoint(kind, tmp_path):
         theirs = stock(**batch, output_hidden_states=True).hidden_states
     assert len(ours) == len(theirs)
     for mine, stock_hidden in zip(ours, theirs):
-        torch.testing.assert_close(mine, stock_hidden, atol=1e-6, rtol=0)
+        assert torch.equal(mine, stock_hidden)
 
     reloaded = MODEL_CLASSES[kind].from_pretrained(tmp_path).eval()
     assert reloaded.config.exit_head_type == "pooler"
@@ -780,9 +780,17 @@ def test_batched_early_exit_matches_each_row_alone(kind, attn):
 def test_cpu_bf16_autocast(kind):
     model = make_model(kind).eval()
     batch = padded_batch(kind, model.config)
+    with torch.no_grad():
+        full_precision = model(**batch, labels=CLASS_LABELS)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(**batch, labels=CLASS_LABELS, output_hidden_states=True)
         early = model.early_exit(**batch, policy=PatienceExit(patience=1))
+    # the same answers as float32 up to bf16 rounding, not merely finite ones: this random model's logits are ~3e-2
+    # in size and move by ~3e-4 (8 bits of mantissa through 4 layers), so 5 % of the largest logit is the bound
+    assert out.all_logits.dtype == torch.bfloat16
+    scale = full_precision.all_logits.abs().max().item()
+    torch.testing.assert_close(out.all_logits.float(), full_precision.all_logits, atol=0.05 * scale, rtol=0)
+    torch.testing.assert_close(out.loss.float(), full_precision.loss, atol=1e-2, rtol=1e-2)
     assert torch.isfinite(out.loss)
     assert torch.isfinite(out.all_logits.float()).all()
     assert all(torch.isfinite(h.float()).all() for h in out.hidden_states)
