@@ -87,6 +87,11 @@ def test_results_file_is_consistent(trained_run):  # noqa: ANN001
         assert task.main_metric in record["metrics"]
         if record["mode"] == "online":
             assert record["wall_time_s"] > 0 and record["verified_against_replay"] is True
+            # the timing fields follow from each other: the median of the repeats, and full depth's over this one's
+            assert len(record["wall_time_repeats_s"]) == 1  # --timing_repeats 1
+            assert record["wall_time_s"] == float(np.median(record["wall_time_repeats_s"]))
+            assert record["wall_speedup"] == pytest.approx(record["full_depth_wall_time_s"] / record["wall_time_s"])
+            assert record["batch_size"] == 1 and record["device"] == "cpu"
         else:
             assert record["wall_time_s"] is None
 
