@@ -212,7 +212,9 @@ def test_settings_spread_exits_over_layers(kind: str) -> None:
     setup = get_setup(kind)
     for name, policies in setup.policies.items():
         layers = torch.cat([replay(p, setup.layer_logits).exit_layer for p in policies])
-        if name == "budget":
+        if name == "budget":  # a budget sends every example to its own layer, by construction
+            expected = torch.cat([torch.full((len(setup.layer_logits),), p.layer) for p in policies])
+            assert torch.equal(layers, expected), f"{kind} budget: exits {layers.tolist()}"
             continue
         assert len(set(layers.tolist())) >= 3, f"{kind} {name}: exits {layers.tolist()}"
         assert (layers < NUM_LAYERS).any(), f"{kind} {name}: exits {layers.tolist()}"
