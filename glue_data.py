@@ -582,14 +582,37 @@ def compute_metrics(task: TaskSpec, predictions: np.ndarray, labels: np.ndarray)
 # Features
 
 # Part of the cache fingerprint: bump it when the feature columns or tokenization change, so old caches are not reused.
-_FEATURES_VERSION = 1
+_FEATURES_VERSION = 2
 
 
-def features_fingerprint(examples: list[Example], tokenizer: Any, max_seq_length: int, task: TaskSpec) -> str:
+def _tokenizer_state(tokenizer: Any) -> list[Any]:
+    """What decides how ``tokenizer`` encodes a text: its class, vocabulary and pipeline (a fast tokenizer's whole
+    tokenizer.json, less the truncation and padding that each call sets), special tokens, truncation side, output
+    names and the transformers version. Its name alone is not enough: a local folder can be overwritten with another
+    tokenizer, or a setting changed, under the same name."""
+    import transformers
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        pipeline = json.loads(backend.to_str())
+        pipeline.pop("truncation", None)
+        pipeline.pop("padding", None)
+    else:  # a slow tokenizer: its vocabulary
+        pipeline = sorted(tokenizer.get_vocab().items())
+    return [
+        type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer), pipeline,
+        sorted(str(token) for token in getattr(tokenizer, "all_special_tokens", [])),
+        getattr(tokenizer, "truncation_side", None), list(getattr(tokenizer, "model_input_names", [])),
+        transformers.__version__,
+    ]
+
+
+def features_fingerprint(examples: list[Example], tokenizer: Any, max_seq_length: int, task: TaskSpec,
+                         token_type_ids: bool | None = None) -> str:
     """Hash of everything that determines the features, naming the cache file of :func:`build_features`."""
     digest = hashlib.sha256()
-    tok_id = [tokenizer.name_or_path, len(tokenizer), type(tokenizer).__name__]
-    digest.update(json.dumps([_FEATURES_VERSION, task.name, tok_id, max_seq_length]).encode())
+    digest.update(json.dumps([_FEATURES_VERSION, task.name, _tokenizer_state(tokenizer), max_seq_length,
+                              token_type_ids]).encode())
     for ex in examples:
         digest.update(json.dumps([ex.guid, ex.text_a, ex.text_b, ex.label]).encode() + b"\n")
     return digest.hexdigest()[:20]
@@ -601,16 +624,23 @@ def build_features(
     max_seq_length: int,
     task: TaskSpec,
     cache_dir: str | os.PathLike[str] | None = None,
+    token_type_ids: bool | None = None,
+    overwrite_cache: bool = False,
 ) -> datasets.Dataset:
-    """Tokenize examples into a Dataset with input_ids, attention_mask, token_type_ids (if the tokenizer makes them),
-    labels (int64, -1 when unlabelled; float32 and nan for regression) and length (tokens after truncation).
+    """Tokenize examples into a Dataset with input_ids, attention_mask, token_type_ids, labels (int64, -1 when
+    unlabelled; float32 and nan for regression) and length (tokens after truncation).
+
+    ``token_type_ids``: True asks the tokenizer for segment ids (0 for text_a, 1 for text_b), False leaves them out,
+    None takes what the tokenizer returns by default. Pass the model's need (``config.type_vocab_size > 1``): ALBERT's
+    tokenizer in transformers 5 returns none unless asked, where the seeds feed ALBERT segment ids on every pair task.
 
     Sequences are truncated to ``max_seq_length`` (longest_first for pairs) but not padded: padding each batch to its
     own longest sequence (:func:`make_collator`) is much cheaper for GLUE's mostly short sentences. How many examples
     were truncated is logged as a warning, since truncation silently changes what the model sees.
 
     With ``cache_dir`` the features are stored as ``features-<fingerprint>.arrow`` (plus a .json with the truncation
-    count) and reused by later runs with the same task, examples, tokenizer and max_seq_length.
+    count) and reused by later runs with the same task, examples, tokenizer and max_seq_length; ``overwrite_cache``
+    tokenizes again and rewrites them (as HF's ``--overwrite_cache``).
     """
     pair = task.text_fields == 2
     if pair and any(ex.text_b is None for ex in examples):
@@ -637,11 +667,12 @@ def build_features(
             *texts, truncation=False, verbose=False, return_attention_mask=False, return_token_type_ids=False
         )["input_ids"]
         truncated.append(sum(len(ids) > max_seq_length for ids in full))
-        encoded = dict(tokenizer(*texts, truncation=True, max_length=max_seq_length))
+        encoded = dict(tokenizer(*texts, truncation=True, max_length=max_seq_length,
+                                 return_token_type_ids=token_type_ids))
         encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
         return encoded
 
-    fingerprint = features_fingerprint(examples, tokenizer, max_seq_length, task)
+    fingerprint = features_fingerprint(examples, tokenizer, max_seq_length, task, token_type_ids)
     cache_file = meta_file = None
     if cache_dir is not None:
         os.makedirs(cache_dir, exist_ok=True)
@@ -653,7 +684,7 @@ def build_features(
         remove_columns=[c for c in ("text_a", "text_b") if c in columns],
         cache_file_name=cache_file,
         # A cache file without its truncation count is from an interrupted run: rebuild it.
-        load_from_cache_file=meta_file is not None and os.path.exists(meta_file),
+        load_from_cache_file=meta_file is not None and os.path.exists(meta_file) and not overwrite_cache,
         new_fingerprint=fingerprint,
         desc=f"Tokenizing {task.name}",
     )

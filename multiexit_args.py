@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     required.add_argument("--heldout_fraction", type=float, default=0.1,
                           help="with --eval_split heldout: the share of the training set held out (a fixed seeded "
                                "choice, the same for every run)")
-    required.add_argument("--overwrite_cache", action="store_true", help="re-tokenise instead of using the cache")
+    required.add_argument("--overwrite_cache", action="store_true", help="tokenise again and rewrite the feature cache")
 
     train = parser.add_argument_group("training")
     train.add_argument("--do_train", action="store_true")

@@ -10,6 +10,7 @@ import random
 
 import datasets
 import torch
+from transformers import PretrainedConfig
 
 from glue_data import TaskSpec, build_features, read_examples, trained_on_another_task
 from modeling_multiexit import DEFAULT_EXIT_POOLING
@@ -191,12 +192,16 @@ def read_split(args: argparse.Namespace, task: TaskSpec, split: str, limit: int 
     return examples
 
 
-def load_features(args: argparse.Namespace, task: TaskSpec, tokenizer: object, examples: list) -> datasets.Dataset:
-    """Tokenised ``examples``, cached under <output_dir>/.feature_cache unless --overwrite_cache."""
-    cache_dir = None if args.overwrite_cache else os.path.join(args.output_dir, ".feature_cache")
-    if cache_dir:
-        os.makedirs(cache_dir, exist_ok=True)
-    return build_features(examples, tokenizer, args.max_seq_length, task, cache_dir=cache_dir)
+def load_features(args: argparse.Namespace, task: TaskSpec, tokenizer: object, examples: list,
+                  config: PretrainedConfig) -> datasets.Dataset:
+    """Tokenised ``examples``, cached under <output_dir>/.feature_cache (--overwrite_cache: tokenised again and the
+    cache rewritten). Segment ids go with the model's need for them (BERT, ALBERT: ``type_vocab_size`` 2; RoBERTa: 1,
+    which the seeds feed none), whatever the tokenizer returns by default."""
+    cache_dir = os.path.join(args.output_dir, ".feature_cache")
+    os.makedirs(cache_dir, exist_ok=True)
+    segments = getattr(config, "type_vocab_size", 1) > 1
+    return build_features(examples, tokenizer, args.max_seq_length, task, cache_dir=cache_dir,
+                          token_type_ids=segments, overwrite_cache=args.overwrite_cache)
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -74,8 +74,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # data: tokenised once (the main process writes the feature cache, the others then read it)
     with accelerator.main_process_first():
-        eval_features = load_features(args, task, tokenizer, eval_examples) if eval_examples else None
-        train_features = load_features(args, task, tokenizer, train_examples) if train_examples else None
+        eval_features = load_features(args, task, tokenizer, eval_examples, source_config) if eval_examples else None
+        train_features = (load_features(args, task, tokenizer, train_examples, source_config) if train_examples
+                          else None)
 
     # model and training
     if args.do_train:

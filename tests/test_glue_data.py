@@ -569,3 +569,82 @@ def test_collator_pads_and_drops_length(tokenizer: PreTrainedTokenizerBase) -> N
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
     assert batch["input_ids"][1, 3:].tolist() == [tokenizer.pad_token_id] * 2
     assert batch["labels"].dtype == torch.int64 and batch["labels"].tolist() == [1, 0]
+
+
+def _albert_tokenizer() -> PreTrainedTokenizerBase:
+    """A tiny ALBERT (SentencePiece-style unigram) tokenizer: transformers 5 lists no token_type_ids among its
+    model_input_names, so it returns none unless asked."""
+    from transformers import AlbertTokenizer
+
+    words = "the cat sat on a mat dog ran".split()
+    vocab = [(token, 0.0) for token in ("<pad>", "<unk>", "[CLS]", "[SEP]", "[MASK]")]
+    return AlbertTokenizer(vocab=vocab + [(f"▁{word}", -1.0) for word in words])
+
+
+def test_albert_pairs_get_segment_ids_when_the_model_has_them(tmp_path: Path) -> None:
+    """The seeds feed ALBERT token_type_ids on pair tasks (PABEE run_glue.py: ``batch[2] if model_type in ["bert",
+    "xlnet", "albert"]``): the loader asks for them from the model's config, and a RoBERTa-like model
+    (type_vocab_size 1, fed none by the seeds) gets none."""
+    from transformers import AlbertConfig, RobertaConfig
+
+    from multiexit_loading import load_features
+
+    tokenizer = _albert_tokenizer()
+    assert "token_type_ids" not in tokenizer.model_input_names  # the upstream default this guards against
+    examples = [Example("a", "the cat sat", "on a mat", 1), Example("b", "a dog", "ran", 0)]
+    task = get_task("mrpc")
+    args = type("Args", (), {"output_dir": str(tmp_path), "max_seq_length": 32, "overwrite_cache": False})()
+    features = load_features(args, task, tokenizer, examples, AlbertConfig(type_vocab_size=2))
+    # [CLS] the cat sat [SEP] | on a mat [SEP]
+    assert features["token_type_ids"][0] == [0, 0, 0, 0, 0, 1, 1, 1, 1]
+    assert features["token_type_ids"][1] == [0, 0, 0, 0, 1, 1]
+    batch = make_collator(tokenizer)([features[0], features[1]])
+    assert batch["token_type_ids"].tolist() == [[0, 0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1, 0, 0, 0]]
+    no_segments = load_features(args, task, tokenizer, examples, RobertaConfig(type_vocab_size=1))
+    assert "token_type_ids" not in no_segments.column_names
+    assert no_segments["input_ids"] == features["input_ids"]
+
+
+def test_the_cache_key_follows_the_tokenizer_not_its_name(tokenizer: PreTrainedTokenizerBase, tmp_path: Path) -> None:
+    """A changed tokenizer setting under the same name (a local folder rewritten, truncation side, lower-casing)
+    changes the fingerprint, so stale features are never reused; using the tokenizer (which sets its truncation)
+    does not."""
+    import copy
+
+    examples = [Example("a", "One two three four five six seven", None, 1)]
+    task = get_task("sst2")
+    key = glue_data.features_fingerprint(examples, tokenizer, 6, task)
+    build_features(examples, tokenizer, 6, task)  # leaves the backend's truncation set
+    assert glue_data.features_fingerprint(examples, tokenizer, 6, task) == key
+    left = copy.deepcopy(tokenizer)
+    left.truncation_side = "left"
+    cased = copy.deepcopy(tokenizer)
+    cased.backend_tokenizer.normalizer = type(tokenizer.backend_tokenizer.normalizer)(lowercase=False)
+    keys = {key, glue_data.features_fingerprint(examples, left, 6, task),
+            glue_data.features_fingerprint(examples, cased, 6, task),
+            glue_data.features_fingerprint(examples, tokenizer, 6, task, token_type_ids=False)}
+    assert len(keys) == 4
+    # and so each gets its own features: the cached ones are the fresh ones
+    for variant in (left, cased):
+        cached = build_features(examples, variant, 6, task, cache_dir=tmp_path)
+        assert cached["input_ids"] == build_features(examples, variant, 6, task)["input_ids"]
+    assert build_features(examples, left, 6, task)["input_ids"] != build_features(examples, tokenizer, 6, task)[
+        "input_ids"]
+
+
+def test_overwrite_cache_rewrites_the_cache(tokenizer: PreTrainedTokenizerBase, tmp_path: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    examples = [Example(str(i), f"sentence {i}", None, i % 2) for i in range(5)]
+    task = get_task("sst2")
+    build_features(examples, tokenizer, 16, task, cache_dir=tmp_path)
+    (arrow,) = tmp_path.glob("features-*.arrow")
+    first_write = arrow.stat().st_mtime_ns
+    caplog.set_level(logging.INFO, logger="glue_data")
+    caplog.clear()
+    build_features(examples, tokenizer, 16, task, cache_dir=tmp_path, overwrite_cache=True)
+    assert "reusing cached features" not in caplog.text
+    assert [path.name for path in tmp_path.glob("features-*.arrow")] == [arrow.name]
+    assert arrow.stat().st_mtime_ns > first_write  # written again, not skipped
+    caplog.clear()
+    build_features(examples, tokenizer, 16, task, cache_dir=tmp_path)
+    assert "reusing cached features" in caplog.text
