@@ -194,6 +194,11 @@ def warn_unused_flags(args: argparse.Namespace) -> None:
     if args.deebert_two_stage and args.exit_loss is not None:
         unused.append(f"--exit_loss {args.exit_loss} (DeeBERT's stages train the final exit, then the sum of the "
                       "off-ramps' losses)")
+    during_training = [flag for flag, given in (("--evaluate_during_training", args.evaluate_during_training),
+                                                ("--eval_after_first_stage", args.eval_after_first_stage)) if given]
+    if args.do_train and args.eval_split == "test" and during_training:
+        raise UserInputError(f"{' and '.join(during_training)} score the eval split while training, but the test "
+                             f"split has no labels: use --eval_split dev or heldout")
     if args.stage2_learning_rate is not None and not args.deebert_two_stage:
         unused.append("--stage2_learning_rate (only DeeBERT's two stages have a stage 2)")
     if args.exit_weight_learning_rate != ELBERT_WEIGHT_LEARNING_RATE and args.exit_loss != "learned":
@@ -242,6 +247,11 @@ def check_args(args: argparse.Namespace) -> None:
     for value in parse_list("--calibrate_max_drop", args.calibrate_max_drop, float):
         if not 0 <= value <= 1:
             raise UserInputError(f"--calibrate_max_drop: a drop of the main metric is in [0, 1], got {value}")
+    during_training = [flag for flag, given in (("--evaluate_during_training", args.evaluate_during_training),
+                                                ("--eval_after_first_stage", args.eval_after_first_stage)) if given]
+    if args.do_train and args.eval_split == "test" and during_training:
+        raise UserInputError(f"{' and '.join(during_training)} score the eval split while training, but the test "
+                             f"split has no labels: use --eval_split dev or heldout")
     if args.stage2_learning_rate is not None and not (math.isfinite(args.stage2_learning_rate)
                                                       and args.stage2_learning_rate >= 0):
         raise UserInputError(f"--stage2_learning_rate must be a finite number >= 0, got {args.stage2_learning_rate}")

@@ -179,6 +179,7 @@ class ResultWriter:
             "task": self.task.name,
             "checkpoint": self.checkpoint,
             "split": self.args.eval_split,
+            **({"heldout_fraction": self.args.heldout_fraction} if self.args.eval_split == "heldout" else {}),
             "mode": mode,
             **score.summary(),
             "main_metric": self.task.main_metric,

@@ -4,6 +4,7 @@ packaged all-MiniLM-L6-v2), its config and tokenizer, and the tokenised data of 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import random
@@ -83,6 +84,12 @@ def load_config(args: argparse.Namespace, task: TaskSpec, path: str):  # noqa: A
         raise UserInputError(
             f"{path} was trained with exit_pooling={trained_pooling!r}; evaluating it with --exit_pooling "
             f"{args.exit_pooling} would feed its exits inputs they never saw (drop the flag)"
+        )
+    trained_head = getattr(config, "exit_head_type", None)
+    if trained_head and args.exit_head_type and args.exit_head_type != trained_head and not args.do_train:
+        raise UserInputError(
+            f"{path} was trained with exit_head_type={trained_head!r}; evaluating it with --exit_head_type "
+            f"{args.exit_head_type} would load its weights into other heads (drop the flag)"
         )
     if args.num_hidden_layers is not None and not 1 <= args.num_hidden_layers <= config.num_hidden_layers:
         raise UserInputError(f"--num_hidden_layers must be in [1, {config.num_hidden_layers}]")
@@ -190,6 +197,33 @@ def read_split(args: argparse.Namespace, task: TaskSpec, split: str, limit: int 
     if not examples:
         raise UserInputError(f"the {split} split of {task.name} is empty")
     return examples
+
+
+def check_heldout_is_unseen(args: argparse.Namespace, task: TaskSpec, folders: list[str]) -> None:
+    """``--eval_split heldout`` scores a part of the training set, which only a model trained with the same
+    ``--eval_split heldout --heldout_fraction`` never saw: refuse any other model of this task that says how it was
+    trained (its training_args.json), and warn when a fine-tuned one does not say."""
+    if args.eval_split != "heldout" or args.do_train:  # training here leaves the held-out part out itself
+        return
+    for folder in folders:
+        saved_path = os.path.join(folder, "training_args.json")
+        if not os.path.isfile(saved_path):
+            if os.path.isfile(os.path.join(folder, "config.json")):
+                logger.warning("--eval_split heldout: %s has no training_args.json, so whether it trained on the "
+                               "held-out examples cannot be checked", folder)
+            continue
+        with open(saved_path, encoding="utf-8") as stream:
+            saved = json.load(stream)
+        if saved.get("do_train") is False or trained_on_another_task(saved.get("task_name"), task):
+            continue  # an evaluation's arguments, or a model of another task: it never trained on these examples
+        if saved.get("eval_split") != "heldout" or saved.get("heldout_fraction") != args.heldout_fraction:
+            how = (f"--eval_split heldout --heldout_fraction {saved.get('heldout_fraction')}"
+                   if saved.get("eval_split") == "heldout" else f"--eval_split {saved.get('eval_split')}")
+            raise UserInputError(
+                f"{folder} was trained with {how}, so it trained on examples of the held-out part that --eval_split "
+                f"heldout --heldout_fraction {args.heldout_fraction} would score; evaluate it on dev, or train with "
+                f"these flags"
+            )
 
 
 def load_features(args: argparse.Namespace, task: TaskSpec, tokenizer: object, examples: list,

@@ -122,7 +122,7 @@ RESUME_SENSITIVE_FLAGS = ("task_name", "data_dir", "max_train_samples", "max_seq
                           "per_gpu_train_batch_size", "gradient_accumulation_steps", "deebert_two_stage", "exit_loss",
                           "exit_head_type", "exit_pooling", "learning_rate", "stage2_learning_rate", "weight_decay",
                           "exit_weight_learning_rate", "group_by_length", "regression_exit_bias",
-                          "classification_exit_bias")
+                          "classification_exit_bias", "eval_split", "heldout_fraction")
 
 
 def warn_if_resume_differs(args: argparse.Namespace, accelerator, folder: str) -> None:  # noqa: ANN001

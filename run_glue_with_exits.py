@@ -14,6 +14,7 @@ The seeds' command lines (PABEE's ``--patience 3,4,5``, DeeBERT's ``--early_exit
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -26,6 +27,7 @@ from multiexit_errors import UserInputError
 from multiexit_evaluation import RESULTS_FILE, checkpoint_label, evaluate_checkpoint, per_layer_callback
 from multiexit_io import list_checkpoints
 from multiexit_loading import (
+    check_heldout_is_unseen,
     load_config,
     load_features,
     load_model,
@@ -69,6 +71,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     tokenizer = load_tokenizer(args, path)
     needs_eval_data = args.do_eval or args.evaluate_during_training
     eval_examples = read_split(args, task, args.eval_split, args.max_eval_samples) if needs_eval_data else None
+    if not args.do_train:  # (a model trained here leaves the held-out part out itself)
+        check_heldout_is_unseen(args, task, [c for c in evaluated_checkpoints(args, path) if os.path.isdir(c)])
+    labelled = sum(example.label is not None for example in eval_examples or [])
+    if args.do_eval and (args.calibrate_speedup or args.calibrate_max_drop) and 0 < labelled < 4:
+        raise UserInputError(f"--calibrate_speedup / --calibrate_max_drop choose a setting on one half of the eval "
+                             f"set and score it on the other: that needs at least 4 labelled examples, the "
+                             f"{args.eval_split} split has {labelled}")
     train_examples = read_split(args, task, "train", args.max_train_samples) if args.do_train else None
     os.makedirs(args.output_dir, exist_ok=True)
 
@@ -93,9 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # evaluation: the trained model (or the one given), and every checkpoint-N with --eval_all_checkpoints
     results: dict[str, float] = {}
     if args.do_eval:
-        checkpoints = [args.output_dir if args.do_train else path]
-        if args.eval_all_checkpoints:
-            checkpoints = list_checkpoints(args.output_dir) + checkpoints
+        checkpoints = evaluated_checkpoints(args, path)  # after training: its checkpoints included
         if not requested and not args.sweep_default_grids:
             logger.info("no exit policy given: reporting full depth%s only (see --patience, --early_exit_entropy, "
                         "--sweep_default_grids ...)", " and each layer" if args.eval_each_highway else "")
@@ -108,6 +115,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if accelerator.is_main_process:
             logger.info("results appended to %s", os.path.join(args.output_dir, RESULTS_FILE))
     return results
+
+
+def evaluated_checkpoints(args: argparse.Namespace, path: str) -> list[str]:
+    """What --do_eval evaluates: the model trained here (or the one given), after every checkpoint-N of output_dir
+    with --eval_all_checkpoints; each folder once, even when --model_name_or_path is one of those checkpoints."""
+    if not args.do_eval:
+        return []
+    checkpoints = [args.output_dir if args.do_train else path]
+    if args.eval_all_checkpoints:
+        checkpoints = list_checkpoints(args.output_dir) + checkpoints
+    unique = {}
+    for checkpoint in checkpoints:
+        unique.setdefault(os.path.realpath(checkpoint) if os.path.isdir(checkpoint) else checkpoint, checkpoint)
+    return list(unique.values())
 
 
 def make_accelerator(args):  # noqa: ANN001, ANN201 - an accelerate.Accelerator

@@ -48,8 +48,18 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     shutil.copytree(multi_exit, other_task)
     config = json.loads((other_task / "config.json").read_text())
     (other_task / "config.json").write_text(json.dumps(config | {"finetuning_task": "cola"}))
+    trained_on_dev = root / "trained-with-eval-split-dev"  # what --do_train (full training set) leaves
+    shutil.copytree(multi_exit, trained_on_dev)
+    (trained_on_dev / "training_args.json").write_text(json.dumps(
+        {"do_train": True, "task_name": "sst-2", "eval_split": "dev", "heldout_fraction": 0.1}))
+    trained_on_heldout = root / "trained-with-heldout-0.2"
+    shutil.copytree(multi_exit, trained_on_heldout)
+    (trained_on_heldout / "training_args.json").write_text(json.dumps(
+        {"do_train": True, "task_name": "sst-2", "eval_split": "heldout", "heldout_fraction": 0.2}))
     return {
         "model": model,
+        "trained_on_dev": trained_on_dev,
+        "trained_on_heldout": trained_on_heldout,
         "multi_exit_2_labels": multi_exit,
         "other_task": other_task,
         "data": write_sst2(root / "SST-2"),
@@ -146,6 +156,19 @@ FLAG_CASES = {
                                       r"was trained with num_labels=2 but task mnli has 3 labels"),
     "eval with another exit_pooling": (["--do_eval", "--model_name_or_path", "{multi_exit}", "--exit_pooling", "mean"],
                                        r"was trained with exit_pooling='cls'; evaluating it with --exit_pooling mean"),
+    "eval with another exit_head_type": (["--do_eval", "--model_name_or_path", "{multi_exit}", "--exit_head_type",
+                                          "linear"], r"was trained with exit_head_type='shared_pooler'; evaluating it "
+                                                     r"with --exit_head_type linear"),
+    "held-out part of a model trained on all of train": (
+        ["--do_eval", "--eval_split", "heldout", "--model_name_or_path", "{trained_on_dev}"],
+        r"was trained with --eval_split dev, so it trained on examples of the held-out part"),
+    "held-out part of another fraction": (
+        ["--do_eval", "--eval_split", "heldout", "--model_name_or_path", "{trained_on_heldout}"],
+        r"was trained with --eval_split heldout --heldout_fraction 0.2, so .* --heldout_fraction 0.1 would score"),
+    "scores on the test split during training": (["--do_train", "--evaluate_during_training", "--eval_split", "test"],
+                                                  r"--evaluate_during_training score .* the test split has no labels"),
+    "calibration on 3 examples": (["--do_eval", "--max_eval_samples", "3", "--calibrate_speedup", "1.5"],
+                                  r"needs at least 4 labelled examples, the dev split has 3"),
     "model type != checkpoint": (["--model_type", "roberta", "--do_eval"],
                                  r"is a 'bert' checkpoint but --model_type is 'roberta'"),
     "resume folder missing": (["--do_train", "--resume_from_checkpoint", "{tmp}/checkpoint-9"],
@@ -159,7 +182,8 @@ FLAG_CASES = {
 def test_bad_flags_give_one_clear_error_and_write_nothing(case: str, tiny: dict[str, Path], tmp_path: Path) -> None:
     flags, expected = FLAG_CASES[case]
     names = {"tmp": tmp_path, "data": tiny["data"], "model": tiny["model"], "multi_exit": tiny["multi_exit_2_labels"],
-             "damaged": tiny["damaged"], "no_weights": tiny["no_weights"], "other_task": tiny["other_task"]}
+             "damaged": tiny["damaged"], "no_weights": tiny["no_weights"], "other_task": tiny["other_task"],
+             "trained_on_dev": tiny["trained_on_dev"], "trained_on_heldout": tiny["trained_on_heldout"]}
     flags = [str(flag).format(**names) for flag in flags]
     output_dir = tmp_path / "out"
     status, stderr = run_main(base_args(tiny, output_dir, *flags))

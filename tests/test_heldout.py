@@ -32,7 +32,13 @@ def test_runner_evaluates_the_heldout_part(tmp_path: Path) -> None:
                                "--do_eval", "--eval_split", "heldout", "--heldout_fraction", "0.25"])
     assert status == 0, stderr
     (record,) = read_records(tmp_path / "out")
-    assert record["split"] == "heldout" and record["num_examples"] == 10
+    assert record["split"] == "heldout" and record["num_examples"] == 10 and record["heldout_fraction"] == 0.25
+    # the trained model, evaluated again on its own held-out part (same fraction), by a run that does not train
+    status, stderr = run_main(["--model_name_or_path", tmp_path / "out", "--task_name", "sst-2", "--data_dir", data,
+                               "--output_dir", tmp_path / "out", "--max_seq_length", 32, "--do_eval",
+                               "--eval_split", "heldout", "--heldout_fraction", "0.25"])
+    assert status == 0, stderr
+    assert [r["num_examples"] for r in read_records(tmp_path / "out")] == [10, 10]
 
 
 @pytest.mark.parametrize("fraction", ["0", "1", "1.5"])
@@ -40,3 +46,18 @@ def test_bad_fraction(tmp_path: Path, fraction: str) -> None:
     status, stderr = run_main(["--task_name", "sst-2", "--output_dir", tmp_path / "out", "--do_eval",
                                "--eval_split", "heldout", "--heldout_fraction", fraction])
     assert status == 2 and "--heldout_fraction must be in (0, 1)" in stderr
+
+
+def test_eval_all_checkpoints_evaluates_each_folder_once(tmp_path: Path) -> None:
+    """--model_name_or_path naming one of output_dir's checkpoints (by any path) is not evaluated twice."""
+    from run_glue_with_exits import evaluated_checkpoints
+
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "config.json").write_text("{}")
+    args = argparse.Namespace(do_eval=True, do_train=False, eval_all_checkpoints=True, output_dir=str(tmp_path))
+    same_folder = str(tmp_path / "checkpoint-2" / ".." / "checkpoint-4")
+    assert evaluated_checkpoints(args, same_folder) == [str(tmp_path / "checkpoint-2"), str(tmp_path / "checkpoint-4")]
+    assert evaluated_checkpoints(args, "bert-base-uncased")[-1] == "bert-base-uncased"  # a hub name stays
+    args.eval_all_checkpoints = False
+    assert evaluated_checkpoints(args, same_folder) == [same_folder]
