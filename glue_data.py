@@ -107,6 +107,26 @@ _FOLDER_NAMES = {
 }
 
 
+# the file names the GLUE benchmark's server expects in a submission zip (one file per task)
+_SUBMISSION_NAMES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "qqp": "QQP", "mnli": "MNLI-m",
+                     "mnli-mm": "MNLI-mm", "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI"}
+
+
+def submission_file_name(task: TaskSpec) -> str:
+    """``RTE.tsv``, ``MNLI-m.tsv``, ...: the name GLUE's server reads this task's predictions from."""
+    return _SUBMISSION_NAMES.get(task.name, task.name) + ".tsv"
+
+
+def submission_text(task: TaskSpec, predictions: np.ndarray, first_index: int = 0) -> str:
+    """Predictions in the GLUE submission format (as HF run_glue's predict file): a header ``index\tprediction``,
+    then each example's index in the split and its label name (regression: the score, 3 decimals)."""
+    lines = ["index\tprediction"]
+    for index, prediction in enumerate(predictions, start=first_index):
+        shown = f"{float(prediction):.3f}" if task.is_regression else task.label_list[int(prediction)]
+        lines.append(f"{index}\t{shown}")
+    return "\n".join(lines) + "\n"
+
+
 def _normalize_name(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 

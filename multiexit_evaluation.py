@@ -35,7 +35,7 @@ from exit_replay import (
     score_policy,
     sweep,
 )
-from glue_data import TaskSpec, compute_metrics, make_collator
+from glue_data import TaskSpec, compute_metrics, make_collator, submission_file_name, submission_text
 from multiexit_io import append_jsonl, atomic_write_text
 from multiexit_loading import model_inputs
 
@@ -188,9 +188,17 @@ class ResultWriter:
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **extra,
         }
+        submission_path = None
+        if labels is None:  # an unlabelled split (GLUE's test): the predictions as the benchmark's server reads them
+            submission_path = os.path.join(detail_dir, "submission_" + _file_label(score.policy),
+                                           submission_file_name(self.task))
+            record["submission_file"] = os.path.relpath(submission_path, self.args.output_dir)
         if self.enabled:
             os.makedirs(detail_dir, exist_ok=True)
             write_per_example(detail_path, score, labels, first_index)
+            if submission_path is not None:
+                os.makedirs(os.path.dirname(submission_path), exist_ok=True)
+                atomic_write_text(submission_path, submission_text(self.task, score.predictions, first_index))
             append_jsonl(os.path.join(self.args.output_dir, RESULTS_FILE), record)
         return record
 

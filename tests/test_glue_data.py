@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -648,3 +649,14 @@ def test_overwrite_cache_rewrites_the_cache(tokenizer: PreTrainedTokenizerBase, 
     caplog.clear()
     build_features(examples, tokenizer, 16, task, cache_dir=tmp_path)
     assert "reusing cached features" in caplog.text
+
+
+def test_submission_files_use_glue_names_and_label_names() -> None:
+    rte, stsb, mnli_mm = get_task("rte"), get_task("sts-b"), get_task("mnli-mm")
+    assert glue_data.submission_file_name(rte) == "RTE.tsv"
+    assert glue_data.submission_file_name(mnli_mm) == "MNLI-mm.tsv"
+    assert glue_data.submission_file_name(get_task("mnli")) == "MNLI-m.tsv"
+    assert glue_data.submission_text(rte, np.array([0, 1, 0])) == (
+        "index\tprediction\n0\tentailment\n1\tnot_entailment\n2\tentailment\n")
+    assert glue_data.submission_text(stsb, np.array([4.12345, 0.5]), first_index=3) == (
+        "index\tprediction\n3\t4.123\n4\t0.500\n")

@@ -56,3 +56,9 @@ def test_unlabelled_split_still_writes_the_full_depth_predictions(tmp_path: Path
     assert record["policy"] == "budget" and record["params"] == {"layer": 2} and record["split"] == "test"
     rows = read_details(output_dir, record)
     assert [row[0] for row in rows] == list(range(5)) and all(row[1] == 2 and row[3] == "" for row in rows)
+    # and as GLUE's server reads them: SST-2.tsv, each index with its label name
+    submission = output_dir / record["submission_file"]
+    assert submission.name == "SST-2.tsv"
+    lines = submission.read_text().splitlines()
+    assert lines[0] == "index\tprediction"
+    assert [line.split("\t") for line in lines[1:]] == [[str(row[0]), str(row[2])] for row in rows]

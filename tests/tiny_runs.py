@@ -138,7 +138,7 @@ def read_details(output_dir: Path | str, record: dict) -> list[tuple[int, int, s
 
 
 VOLATILE_KEYS = ("time", "wall_time_s", "wall_time_repeats_s", "full_depth_wall_time_s", "wall_speedup",
-                 "checkpoint", "per_example_file", "device")
+                 "checkpoint", "per_example_file", "submission_file", "device")
 
 
 def comparable(record: dict) -> dict:
