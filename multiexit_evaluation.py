@@ -97,7 +97,9 @@ def run_online(args, accelerator, model, features, collator, policy: ExitPolicy,
         pass_times.append(time.perf_counter() - start)
     from accelerate.utils import gather_object
 
-    local = list(zip(indices, torch.cat(exit_layers).cpu().tolist(), torch.cat(answers).float().cpu().tolist()))
+    local = []  # a process whose shard is empty (fewer examples than processes) still joins the gather
+    if exit_layers:
+        local = list(zip(indices, torch.cat(exit_layers).cpu().tolist(), torch.cat(answers).float().cpu().tolist()))
     gathered = sorted(gather_object(local)) if accelerator.num_processes > 1 else local
     return {
         "exit_layers": np.array([row[1] for row in gathered]),

@@ -438,3 +438,36 @@ def test_save_total_limit_keeps_the_newest_checkpoints(tiny_dropout: tuple[Path,
                                "--per_gpu_train_batch_size", 4, "--save_steps", 1, "--save_total_limit", 2])
     assert status == 0, stderr
     assert [os.path.basename(c) for c in list_checkpoints(str(output_dir))] == ["checkpoint-4", "checkpoint-5"]
+
+
+def test_a_process_with_an_empty_shard_joins_the_online_gather(monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path) -> None:
+    """With fewer examples than processes, process 1 of 2 has nothing to run: it still gathers (an empty list), so
+    process 0's rows come back to it instead of a crash in the middle of writing results."""
+    import argparse
+
+    import accelerate.utils
+    from transformers import AutoTokenizer
+
+    from exit_policies import PatienceExit
+    from glue_data import Example, build_features, get_task, make_collator
+    from modeling_multiexit_bert import MultiExitBertForSequenceClassification
+    from multiexit_evaluation import run_online
+
+    folder = make_tiny_model(tmp_path / "model", layers=2, multi_exit=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = MultiExitBertForSequenceClassification.from_pretrained(folder)
+    features = build_features([Example("a", "one example only", None, 1)], tokenizer, 16, get_task("sst2"))
+    process_0_rows = [(0, 2, [0.25, -0.25])]
+    sent = []
+
+    def gather_object(local: list) -> list:
+        sent.append(local)
+        return process_0_rows + local
+
+    monkeypatch.setattr(accelerate.utils, "gather_object", gather_object)
+    second_process = argparse.Namespace(process_index=1, num_processes=2, device=torch.device("cpu"))
+    args = argparse.Namespace(timing_warmup=1, timing_repeats=2, cuda_graphs=False, fp16=False, bf16=False)
+    result = run_online(args, second_process, model, features, make_collator(tokenizer), PatienceExit(patience=1), 1)
+    assert sent == [[]]
+    assert result["exit_layers"].tolist() == [2] and result["answers"].tolist() == [[0.25, -0.25]]
