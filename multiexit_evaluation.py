@@ -36,7 +36,7 @@ from exit_replay import (
     sweep,
 )
 from glue_data import TaskSpec, compute_metrics, make_collator, submission_file_name, submission_text
-from multiexit_io import append_jsonl, atomic_write_text
+from multiexit_io import append_jsonl, atomic_copy, atomic_save_npy, atomic_write_text
 from multiexit_loading import model_inputs
 
 logger = logging.getLogger("run_glue_with_exits")
@@ -168,14 +168,18 @@ class ResultWriter:
                     number += 1
                     self.run_folder = f"{stem}_{number}"
 
+    @property
+    def run_dir(self) -> str:
+        """This run's folder: its per-example files, and its own copies of the summary table and plot."""
+        return os.path.join(self.args.output_dir, "exit_details", self.checkpoint_name, self.run_folder)
+
     def record(self, score: PolicyScore, mode: str, labels: np.ndarray | None = None, first_index: int = 0,
                variant: str = "", **extra: object) -> dict:
         """Append ``score``'s record and write its per-example TSV. ``variant`` names a further folder for records
         that share a setting's label with another (calibration's choices); ``first_index`` is the index in the split
         of the first example scored (with ``labels``, for a part of the split)."""
         labels = self.labels if labels is None else labels
-        detail_dir = os.path.join(self.args.output_dir, "exit_details", self.checkpoint_name, self.run_folder,
-                                  mode + variant)
+        detail_dir = os.path.join(self.run_dir, mode + variant)
         detail_path = os.path.join(detail_dir, _file_label(score.policy) + ".tsv")
         record = {
             "task": self.task.name,
@@ -257,8 +261,9 @@ def evaluate_checkpoint(args, accelerator, task: TaskSpec, checkpoint: str, mode
     if args.save_layer_logits and main_process:
         folder = os.path.join(args.output_dir, "layer_logits")
         os.makedirs(folder, exist_ok=True)
-        np.save(os.path.join(folder, f"{writer.checkpoint_name}_{args.eval_split}_logits.npy"), layer_logits.numpy())
-        np.save(os.path.join(folder, f"{writer.checkpoint_name}_{args.eval_split}_labels.npy"), labels)
+        atomic_save_npy(os.path.join(folder, f"{writer.checkpoint_name}_{args.eval_split}_logits.npy"),
+                        layer_logits.numpy())
+        atomic_save_npy(os.path.join(folder, f"{writer.checkpoint_name}_{args.eval_split}_labels.npy"), labels)
 
     records: list[dict] = []
     per_layer = per_layer_scores(layer_logits, labels_or_none, metric_fn) if has_labels else []
@@ -301,7 +306,8 @@ def evaluate_checkpoint(args, accelerator, task: TaskSpec, checkpoint: str, mode
         suffix = "" if record["mode"] == "replay" else f"_{record['mode']}"
         results.update({f"{metric}_{label}{suffix}": value for metric, value in record["metrics"].items()})
     if main_process:
-        write_summary(args, task, writer.checkpoint_name, records, grid_scores, len(features), num_layers)
+        write_summary(args, task, writer.checkpoint_name, records, grid_scores, len(features), num_layers,
+                      writer.run_dir)
         if args.plot_data_dir is not None and per_layer:
             write_deebert_plot_data(args, task, per_layer, setting_records, num_layers)
         if has_labels and (grid_scores or len(replayed) > 1):
@@ -310,6 +316,8 @@ def evaluate_checkpoint(args, accelerator, task: TaskSpec, checkpoint: str, mode
             plot_path = os.path.join(plot_dir, f"score_vs_speedup_{writer.checkpoint_name}.png")
             plot_score_vs_speedup(curves_from_scores(per_layer + replayed + grid_scores, task.main_metric), plot_path,
                                   f"{task.main_metric} (×100)", title=f"{task.name}: {writer.checkpoint_name}")
+            # the top-level plot is the latest run's; the run's own folder keeps this one
+            atomic_copy(plot_path, os.path.join(writer.run_dir, "score_vs_speedup.png"))
             logger.info("plot written to %s", plot_path)
     return results
 
@@ -402,8 +410,8 @@ def write_deebert_plot_data(args: argparse.Namespace, task: TaskSpec, per_layer:
     folder = os.path.join(args.plot_data_dir, model_name)
     os.makedirs(folder, exist_ok=True)
     if args.eval_each_highway:
-        np.save(os.path.join(folder, "each_layer.npy"),
-                np.array([deebert_result(task, score.metrics) for score in per_layer], dtype=np.float64))
+        atomic_save_npy(os.path.join(folder, "each_layer.npy"),
+                        np.array([deebert_result(task, score.metrics) for score in per_layer], dtype=np.float64))
     by_threshold: dict[float, dict] = {}
     for record in setting_records:  # the online record, when there is one, replaces the replayed one
         if record["policy"] == "deebert" and "calibration" not in record and record["metrics"]:
@@ -415,7 +423,7 @@ def write_deebert_plot_data(args: argparse.Namespace, task: TaskSpec, per_layer:
         eval_time = record["wall_time_s"] if record.get("wall_time_s") is not None else math.nan
         values = [eval_time, record["avg_exit_layer"] / num_layers, deebert_result(task, record["metrics"]),
                   *counts.tolist()]
-        np.save(os.path.join(folder, f"entropy_{threshold}.npy"), np.array(values, dtype=np.float64))
+        atomic_save_npy(os.path.join(folder, f"entropy_{threshold}.npy"), np.array(values, dtype=np.float64))
         names = ["eval_time_s", "fraction_of_layers_used", "result"] + [f"exits_at_layer_{k + 1}"
                                                                           for k in range(num_layers)]
         atomic_write_text(os.path.join(folder, f"entropy_{threshold}.json"),
@@ -423,8 +431,9 @@ def write_deebert_plot_data(args: argparse.Namespace, task: TaskSpec, per_layer:
 
 
 def write_summary(args: argparse.Namespace, task: TaskSpec, checkpoint_name: str, records: list[dict],
-                  grid_scores: list[PolicyScore], num_examples: int, num_layers: int) -> None:
-    """exit_summary_<checkpoint>.md and the same table on stdout, with the Pareto-best grid settings."""
+                  grid_scores: list[PolicyScore], num_examples: int, num_layers: int, run_dir: str) -> None:
+    """exit_summary_<checkpoint>.md (the latest run's) and its copy exit_summary.md in the run's own folder (kept),
+    and the same table on stdout, with the Pareto-best grid settings."""
     table = format_table(records, task.main_metric)
     if grid_scores:
         table += "\n\nPareto-best settings of the default grids (all are in exit_results.jsonl):\n"
@@ -439,4 +448,5 @@ def write_summary(args: argparse.Namespace, task: TaskSpec, checkpoint_name: str
                     best.append(score.summary() | {"mode": "replay"})
         table += format_table(best, task.main_metric)
     atomic_write_text(os.path.join(args.output_dir, f"exit_summary_{checkpoint_name}.md"), table + "\n")
+    atomic_write_text(os.path.join(run_dir, "exit_summary.md"), table + "\n")
     print(f"\n{task.name} / {checkpoint_name} ({num_examples} examples, {num_layers} layers)\n{table}\n")

@@ -104,6 +104,40 @@ def atomic_write_text(path: str, text: str) -> None:
         raise
 
 
+def atomic_save_npy(path: str, array: np.ndarray) -> None:
+    """``np.save`` via a temporary file renamed into place, as :func:`atomic_write_text`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=directory)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            np.save(stream, array)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+        raise
+
+
+def atomic_copy(source: str, path: str) -> None:
+    """Copy ``source`` to ``path`` via a temporary file renamed into place."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    os.close(handle)
+    try:
+        shutil.copyfile(source, temporary)
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+        raise
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str) -> Iterator[str]:
     """Yield a temporary sibling directory; on success it replaces ``path`` (the old one is removed)."""

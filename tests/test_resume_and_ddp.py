@@ -35,7 +35,14 @@ from tiny_runs import comparable, make_tiny_model, read_details, read_records, r
 
 import multiexit_args
 import multiexit_training
-from multiexit_io import append_jsonl, atomic_directory, list_checkpoints, read_jsonl, staged_files
+from multiexit_io import (
+    append_jsonl,
+    atomic_directory,
+    atomic_save_npy,
+    list_checkpoints,
+    read_jsonl,
+    staged_files,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -172,6 +179,25 @@ def test_final_model_files_are_staged(tmp_path: Path) -> None:
         Path(staging, "config.json").write_text("{}")
         Path(staging, "model.safetensors").write_text("weights")
     assert sorted(os.listdir(tmp_path)) == ["config.json", "exit_results.jsonl", "model.safetensors"]
+
+
+def test_arrays_are_written_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    path = tmp_path / "final_dev_logits.npy"
+    atomic_save_npy(str(path), np.zeros(3))
+    original = np.save
+
+    def save_half_then_interrupt(stream, array) -> None:  # noqa: ANN001
+        original(stream, array[: len(array) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "save", save_half_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save_npy(str(path), np.ones(10))
+    monkeypatch.setattr(np, "save", original)
+    assert os.listdir(tmp_path) == ["final_dev_logits.npy"]
+    assert np.load(path).tolist() == [0.0, 0.0, 0.0]  # the earlier array, whole
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -188,6 +188,11 @@ def test_artifacts(trained_run):  # noqa: ANN001
     final_budget = {r["params"]["layer"] for r in records
                     if r["policy"] == "budget" and "final" in r["per_example_file"]}
     assert final_budget == {1, 2}
+    # each run's folder keeps its own summary table and plot (the top-level ones are the latest run's)
+    for record in records:
+        run_dir = os.path.join(trained_run, *record["per_example_file"].split(os.sep)[:3])
+        assert os.path.getsize(os.path.join(run_dir, "exit_summary.md")) > 0, run_dir
+        assert os.path.getsize(os.path.join(run_dir, "score_vs_speedup.png")) > 0, run_dir
     grid_policies = {r["policy"] for r in records if r.get("grid")}
     assert grid_policies == {"budget", "pabee", "deebert", "maxprob", "pcee", "elbert"}
 
