@@ -277,6 +277,8 @@ class RowOps:
         for value in row:
             if value > best_value:
                 best, best_value = index, value
+            elif value != value:  # NaN: torch.argmax takes the first NaN as the maximum
+                return index
             index += 1
         return best
 

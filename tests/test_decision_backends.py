@@ -15,7 +15,8 @@ from test_policies import policy_and_logits
 
 from exit_policies import RowOps, TensorOps
 
-_LOGIT = st.one_of(st.floats(-60.0, 60.0, width=32), st.sampled_from([0.0, 1.0, -1.0, 4.0, math.inf, -math.inf]))
+_LOGIT = st.one_of(st.floats(-60.0, 60.0, width=32),
+                 st.sampled_from([0.0, 1.0, -1.0, 4.0, math.inf, -math.inf, math.nan]))
 
 
 @settings(max_examples=300, deadline=None)
@@ -42,7 +43,7 @@ def test_measures_are_bit_identical(values: np.ndarray) -> None:
     # a window whose entries differ (the start class is the first entry's argmax, not the last's)
     window = torch.stack([probs, probs.flip(-1), probs], dim=1)
     others = TensorOps.start_class_others(window).tolist()
-    assert others == [RowOps.start_class_others(entries) for entries in window.tolist()]
+    assert np.array_equal(others, [RowOps.start_class_others(entries) for entries in window.tolist()], equal_nan=True)
 
 
 @settings(max_examples=200, deadline=None)
@@ -85,3 +86,22 @@ def test_every_step_is_identical_on_both_backends(case: tuple) -> None:
             row_answer = policy.answer(RowOps, row_states[n], row, row_exits)
             assert bool(exits[n]) == bool(row_exits), (policy.label(), depth + 1, n)
             assert torch.equal(answers[n].double(), torch.tensor(row_answer, dtype=torch.float64)), (policy, n)
+
+
+@settings(max_examples=200, deadline=None)
+@given(policy_and_logits(), st.data())
+def test_nan_logits_get_the_same_decisions_on_both_backends(case: tuple, data: st.DataObject) -> None:
+    """A NaN logit (a diverged fp16 head) is decided alike at batch size 1 and in a batch: argmax takes the first NaN
+    as torch.argmax does, and every measure is NaN in both, so --verify_online does not call it a bug."""
+    from test_policies import online_one_by_one
+
+    from exit_policies import replay
+
+    policy, layer_logits = case
+    holes = data.draw(arrays(np.bool_, tuple(layer_logits.shape), elements=st.booleans()))
+    layer_logits = layer_logits.masked_fill(torch.from_numpy(holes), math.nan)
+    replayed = replay(policy, layer_logits)
+    online_layers, online_answers = online_one_by_one(policy, layer_logits)
+    assert torch.equal(online_layers, replayed.exit_layer), policy.label()
+    assert torch.equal(online_answers.isnan(), replayed.answer.isnan())
+    assert torch.equal(online_answers.nan_to_num(), replayed.answer.nan_to_num())
