@@ -15,6 +15,13 @@ bit-identical to eager early exit on the same padded input (tested on a GPU).
 
 Without CUDA (``capture=False``) the same static-buffer code runs eagerly, so that its bucketing and padding are
 tested on CPU.
+
+What a captured graph fixes, and so what its key holds: the bucket, and the autocast state (on or off, and its dtype)
+of the first call in that bucket. Under autocast the graphs are captured with autocast's weight-cast cache off, so
+that each graph casts the weights itself, into its own memory: a cached copy would live outside the graph's memory
+pool and be freed when the caller's autocast context closes, while the graph kept reading it (PyTorch's
+``make_graphed_callables`` refuses ``cache_enabled=True`` for this reason). One model, one device, one thread: the
+graphs share static buffers and capture on the model's device.
 """
 
 from __future__ import annotations
@@ -43,8 +50,13 @@ class _BucketGraphs:
     modules: object = None  # the model's LoopModules, resolved with the embeddings (once per pass when eager)
 
 
+# attention implementations whose forward reads nothing on the host (flash-attention unpads with .item() and nonzero)
+CAPTURABLE_ATTENTION = ("sdpa", "eager")
+
+
 class ExitGraphs:
-    """CUDA graphs of one model's layers for batch-size-1 early exit, captured per length bucket on first use."""
+    """CUDA graphs of one model's layers for batch-size-1 early exit, captured per length bucket (and autocast
+    state) on first use, or ahead of timing with :meth:`prepare`."""
 
     def __init__(self, model: torch.nn.Module, buckets: tuple[int, ...] = DEFAULT_BUCKETS,
                  capture: bool | None = None) -> None:
@@ -55,8 +67,26 @@ class ExitGraphs:
         self.model = model
         self.device = next(model.parameters()).device
         self.capture = self.device.type == "cuda" if capture is None else capture
+        attention = getattr(model.config, "_attn_implementation", None) or "eager"
+        if self.capture and attention not in CAPTURABLE_ATTENTION:
+            raise ValueError(f"CUDA graphs need an attention that reads nothing on the host "
+                             f"({', '.join(CAPTURABLE_ATTENTION)}); this model uses {attention!r}: load it with "
+                             f"attn_implementation='sdpa'")
         self.pad_token_id = getattr(model.config, "pad_token_id", None) or 0
-        self._graphs: dict[int, _BucketGraphs] = {}
+        self._graphs: dict[tuple, _BucketGraphs] = {}
+
+    def _key(self, length: int) -> tuple:
+        device_type = self.device.type
+        return (self.bucket_for(length), torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+
+    @torch.no_grad()
+    def prepare(self, lengths: list[int]) -> None:
+        """Capture the buckets of these input lengths now, under the current autocast state: a timed pass then
+        replays only (capturing runs warm-up passes and synchronises)."""
+        for length in lengths:
+            key = self._key(length)
+            if key not in self._graphs:
+                self._build(key)
 
     def bucket_for(self, length: int) -> int:
         for bucket in self.buckets:
@@ -68,8 +98,8 @@ class ExitGraphs:
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, token_type_ids: torch.Tensor | None,
             tracker: ExitTracker) -> None:
         """Early exit of one input [1, T] with ``tracker`` deciding after each layer."""
-        length = input_ids.shape[1]
-        graphs = self._graphs.get(self.bucket_for(length)) or self._build(self.bucket_for(length))
+        key = self._key(input_ids.shape[1])
+        graphs = self._graphs.get(key) or self._build(key)
         self._load(graphs, input_ids, attention_mask, token_type_ids)
         self._run_embed(graphs)
         for depth in range(self.model.num_exit_layers):
@@ -120,12 +150,21 @@ class ExitGraphs:
         else:
             self._layer(graphs, depth)
 
-    def _build(self, bucket: int) -> _BucketGraphs:
-        graphs = _BucketGraphs(bucket, torch.zeros(3, 1, bucket, dtype=torch.long, device=self.device))
+    def _build(self, key: tuple) -> _BucketGraphs:
+        bucket, autocast_on, autocast_dtype = key
+        # the static input buffer is written in place by every later call: never an inference tensor, whatever
+        # mode the first call ran in
+        with torch.inference_mode(False):
+            graphs = _BucketGraphs(bucket, torch.zeros(3, 1, bucket, dtype=torch.long, device=self.device))
         graphs.inputs[1].fill_(1)
-        self._graphs[bucket] = graphs
-        if not self.capture:
-            return graphs
+        if self.capture:
+            # autocast as the caller has it, but without its weight-cast cache (see the module docstring)
+            with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_on, cache_enabled=False):
+                self._capture(graphs)
+        self._graphs[key] = graphs  # only once complete: a failed capture leaves no half-built bucket behind
+        return graphs
+
+    def _capture(self, graphs: _BucketGraphs) -> None:
         num_layers = self.model.num_exit_layers
         # warm up on a side stream (cuBLAS handles, autotuning) before capturing, as torch.cuda.graph requires
         side = torch.cuda.Stream(self.device)
@@ -138,13 +177,14 @@ class ExitGraphs:
         torch.cuda.current_stream(self.device).wait_stream(side)
         # capture: every graph's outputs stay referenced (graphs.hidden, graphs.logits), so the shared memory pool
         # never hands them to a later graph; the graphs replay in capture order, one input at a time
-        graphs.embed_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graphs.embed_graph):
+        embed_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(embed_graph):
             self._embed(graphs)
-        pool = graphs.embed_graph.pool()
+        pool = embed_graph.pool()
+        layer_graphs = []
         for depth in range(num_layers):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 self._layer(graphs, depth)
-            graphs.layer_graphs.append(graph)
-        return graphs
+            layer_graphs.append(graph)
+        graphs.embed_graph, graphs.layer_graphs = embed_graph, layer_graphs

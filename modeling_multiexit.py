@@ -604,6 +604,14 @@ class MultiExitMixin:
         )
         return output if return_dict is not False else output.to_tuple()
 
+    def __getstate__(self) -> dict:
+        # a copy (copy.deepcopy, pickling) leaves the CUDA graphs behind, which cannot be copied and would replay the
+        # original's memory, and the validated-policy cache; the copy makes its own on first use
+        state = super().__getstate__()
+        state.pop("_exit_graphs", None)
+        state.pop("_validated_policy", None)
+        return state
+
     def exit_graphs(self, buckets: tuple[int, ...] | None = None, capture: bool | None = None):  # noqa: ANN201
         """The model's :class:`exit_cuda_graphs.ExitGraphs` (made on first use, for the device the model is on)."""
         from exit_cuda_graphs import DEFAULT_BUCKETS, ExitGraphs

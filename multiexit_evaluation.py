@@ -80,6 +80,9 @@ def run_online(args, accelerator, model, features, collator, policy: ExitPolicy,
     batches = [collator([shard[i] for i in range(start, min(start + batch_size, len(shard)))])
                for start in range(0, len(shard), batch_size)]
     batches = [{key: value.to(accelerator.device) for key, value in model_inputs(b).items()} for b in batches]
+    if args.cuda_graphs and batch_size == 1:  # capture every bucket now: capturing inside a timed pass would count
+        with _autocast(args, accelerator.device):
+            model.exit_graphs().prepare([batch["input_ids"].shape[1] for batch in batches])
     for batch in batches[: args.timing_warmup]:
         with _autocast(args, accelerator.device):
             model.early_exit(**batch, policy=policy, cuda_graphs=args.cuda_graphs)
@@ -335,6 +338,10 @@ def online_records(args, accelerator, model, features, collator, requested: list
     if args.verify_online and batch_size != 1:
         # batch-size-1 replay is bit-identical to batch-size-1 online; padded batches differ by float rounding
         verify_logits = cache_layer_logits(args, accelerator, model, features, collator, 1)
+    elif args.verify_online and args.cuda_graphs:
+        # the graphs run each input padded to its length bucket: the reference pass pads it alike
+        verify_logits = cache_layer_logits(args, accelerator, model, features,
+                                           bucket_padding(collator, base_model.exit_graphs()), 1)
     records = []
     for policy, replay_score in zip(requested, replayed):
         online = run_online(args, accelerator, base_model, features, collator, policy, batch_size)
@@ -357,6 +364,19 @@ def online_records(args, accelerator, model, features, collator, requested: list
                 )
         records.append(writer.record(online_score, mode, **extra))
     return records
+
+
+def bucket_padding(collator: Callable, graphs: object) -> Callable:
+    """``collator`` with each (batch-size-1) batch padded on to its CUDA-graph bucket, as the graphs pad it: padding
+    tokens, attention mask 0, segment 0."""
+    def collate(rows: list[dict]) -> dict:
+        batch = collator(rows)
+        extra = graphs.bucket_for(batch["input_ids"].shape[1]) - batch["input_ids"].shape[1]
+        fill = {"input_ids": graphs.pad_token_id, "attention_mask": 0, "token_type_ids": 0}
+        return {key: torch.nn.functional.pad(value, (0, extra), value=fill[key]) if key in fill else value
+                for key, value in batch.items()}
+
+    return collate
 
 
 def calibration_records(args, task: TaskSpec, layer_logits: torch.Tensor, labels: np.ndarray,  # noqa: ANN001

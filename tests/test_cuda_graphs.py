@@ -154,6 +154,37 @@ def test_captured_graphs_match_eager_on_gpu(pooling: str, autocast: torch.dtype 
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("autocast", [torch.float16, torch.bfloat16])
+def test_graphs_captured_in_one_autocast_context_replay_in_later_ones(autocast: torch.dtype) -> None:
+    """As the runner uses them: captured ahead (prepare) in one autocast context that then closes, replayed in a fresh
+    context per input (autocast's weight-cast cache is gone by then: the graphs must not read it), from CPU-resident
+    inputs, on RoBERTa with mean-pooled exits; and a first call in inference mode poisons nothing."""
+    model = make_model("roberta", "mean").cuda()
+    model.exit_graphs(buckets=(16, 32), capture=True)
+    generator = torch.Generator().manual_seed(6)
+    inputs = [torch.randint(2, 50, (1, length), generator=generator) for length in (5, 16, 23)]  # on the host
+    policies = policies_for(model, [ids.cuda() for ids in inputs])
+    with torch.autocast("cuda", dtype=autocast):
+        model.exit_graphs().prepare([ids.shape[1] for ids in inputs])
+    scratch = torch.randn(1 << 22, device="cuda")  # takes memory a freed cast copy would have held
+    for ids in inputs:
+        for policy in policies:
+            with torch.autocast("cuda", dtype=autocast):
+                graphed = model.early_exit(ids, policy=policy, cuda_graphs=True)
+            with torch.autocast("cuda", dtype=autocast):
+                padded_ids, padded_mask = padded(ids, model.exit_graphs().bucket_for(ids.shape[1]), 1)
+                eager = model.early_exit(padded_ids.cuda(), padded_mask.cuda(), policy=policy)
+            assert torch.equal(graphed.exit_layers.cpu(), eager.exit_layers.cpu()), policy
+            assert torch.equal(graphed.logits.cpu(), eager.logits.cpu()), policy
+    del scratch
+    with torch.inference_mode(), torch.autocast("cuda", dtype=autocast):
+        first = model.early_exit(inputs[0], policy=policies[1], cuda_graphs=True)
+    with torch.autocast("cuda", dtype=autocast):
+        again = model.early_exit(inputs[0], policy=policies[1], cuda_graphs=True)
+    assert torch.equal(first.logits, again.logits)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_batch_size_one_batched_and_replay_agree_on_gpu() -> None:
     """On a GPU too, each row exits where it would alone: batch size 1 (eager), the batch (rows leaving it) and the
     replay of the all-exits pass agree on every exit layer and prediction."""
@@ -175,3 +206,67 @@ def test_batch_size_one_batched_and_replay_agree_on_gpu() -> None:
         single_answers = torch.cat([s.logits for s in singles]).cpu()
         assert torch.equal(single_answers.argmax(-1), replayed.answer.argmax(-1))
         torch.testing.assert_close(batched.logits.cpu(), replayed.answer, atol=1e-4, rtol=1e-4)
+
+
+def test_the_verification_reference_pads_like_the_graphs() -> None:
+    """--verify_online with --cuda_graphs replays an all-exits pass over inputs padded to their bucket
+    (multiexit_evaluation.bucket_padding): its decisions and answers are the graph path's, bit for bit."""
+    from multiexit_evaluation import bucket_padding
+
+    model = make_model("bert", "mean")
+    graphs = model.exit_graphs(buckets=(8, 16, 32), capture=False)
+    generator = torch.Generator().manual_seed(4)
+    inputs = [torch.randint(2, 50, (1, length), generator=generator) for length in (3, 8, 11, 17, 30)]
+
+    def collator(rows: list[dict]) -> dict:
+        ids = torch.tensor([rows[0]["input_ids"]])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    pad = bucket_padding(collator, graphs)
+    with torch.no_grad():
+        cache = torch.cat([model(**pad([{"input_ids": ids[0].tolist()}])).all_logits.transpose(0, 1)
+                           for ids in inputs])
+    assert pad([{"input_ids": inputs[2][0].tolist()}])["input_ids"].shape == (1, 16)
+    for policy in policies_for(model, inputs):
+        replayed = replay(policy, cache)
+        graphed = [model.early_exit(ids, policy=policy, cuda_graphs=True) for ids in inputs]
+        assert torch.equal(torch.cat([g.exit_layers for g in graphed]), replayed.exit_layer), policy
+        assert torch.equal(torch.cat([g.logits for g in graphed]), replayed.answer), policy
+
+
+def test_graphs_are_kept_per_bucket_and_autocast_state_and_left_out_of_copies() -> None:
+    """A graph replays the dtypes it was captured in: the same bucket under autocast gets graphs of its own.
+    prepare() builds the buckets of given lengths ahead of timing; a first call in inference mode does not poison
+    the static buffers for later calls; a deep copy of the model leaves the graphs behind."""
+    import copy
+
+    model = make_model("bert", "cls")
+    graphs = model.exit_graphs(buckets=(8, 32), capture=False)
+    graphs.prepare([3, 20, 5])
+    assert sorted(graphs._graphs) == [(8, False, torch.get_autocast_dtype("cpu")),
+                                      (32, False, torch.get_autocast_dtype("cpu"))]
+    ids = torch.randint(2, 50, (1, 6), generator=torch.Generator().manual_seed(5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.early_exit(ids, policy=PatienceExit(patience=1), cuda_graphs=True)
+    assert (8, True, torch.bfloat16) in graphs._graphs and len(graphs._graphs) == 3
+    fresh = make_model("bert", "cls")
+    fresh.exit_graphs(buckets=(8,), capture=False)
+    with torch.inference_mode():
+        first = fresh.early_exit(ids, policy=PatienceExit(patience=1), cuda_graphs=True)
+    again = fresh.early_exit(ids, policy=PatienceExit(patience=1), cuda_graphs=True)  # outside inference mode
+    assert torch.equal(first.logits, again.logits)
+    twin = copy.deepcopy(model)
+    assert "_exit_graphs" not in twin.__dict__ and "_exit_graphs" in model.__dict__
+    twin.exit_graphs(buckets=(8, 32), capture=False)  # the same buckets: the same padding
+    assert torch.equal(twin.early_exit(ids, policy=PatienceExit(patience=1), cuda_graphs=True).logits,
+                       model.early_exit(ids, policy=PatienceExit(patience=1), cuda_graphs=True).logits)
+
+
+def test_a_capture_needs_an_attention_that_reads_nothing_on_the_host() -> None:
+    from exit_cuda_graphs import ExitGraphs
+
+    model = make_model("bert", "cls")
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="this model uses 'flash_attention_2'"):
+        ExitGraphs(model, capture=True)
+    ExitGraphs(model, capture=False)  # the eager static-buffer path reads the mask on the device only
