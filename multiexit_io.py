@@ -20,6 +20,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
+from typing import IO
 
 import numpy as np
 import torch
@@ -86,32 +87,17 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``path`` via a temporary file renamed into place: readers see the old text or the new, never a part."""
+@contextlib.contextmanager
+def _atomic_file(path: str, mode: str = "w") -> Iterator[IO]:
+    """Yield an open stream on a temporary file beside ``path``; on success the file is synced, made readable to all
+    (mkstemp makes it private; results are meant to be shared) and renamed onto ``path``, on failure removed: readers
+    see the old file or the new one, never a part."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; results are meant to be shared
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
-        raise
-
-
-def atomic_save_npy(path: str, array: np.ndarray) -> None:
-    """``np.save`` via a temporary file renamed into place, as :func:`atomic_write_text`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=directory)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.save(stream, array)
+        with os.fdopen(handle, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as stream:
+            yield stream
             stream.flush()
             os.fsync(stream.fileno())
         os.chmod(temporary, 0o666 & ~_umask())
@@ -120,22 +106,24 @@ def atomic_save_npy(path: str, array: np.ndarray) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
         raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``path`` via a temporary file renamed into place."""
+    with _atomic_file(path) as stream:
+        stream.write(text)
+
+
+def atomic_save_npy(path: str, array: np.ndarray) -> None:
+    """``np.save`` via a temporary file renamed into place."""
+    with _atomic_file(path, "wb") as stream:
+        np.save(stream, array)
 
 
 def atomic_copy(source: str, path: str) -> None:
     """Copy ``source`` to ``path`` via a temporary file renamed into place."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    os.close(handle)
-    try:
-        shutil.copyfile(source, temporary)
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
-        raise
+    with _atomic_file(path, "wb") as stream, open(source, "rb") as original:
+        shutil.copyfileobj(original, stream)
 
 
 @contextlib.contextmanager
