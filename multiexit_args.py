@@ -194,11 +194,6 @@ def warn_unused_flags(args: argparse.Namespace) -> None:
     if args.deebert_two_stage and args.exit_loss is not None:
         unused.append(f"--exit_loss {args.exit_loss} (DeeBERT's stages train the final exit, then the sum of the "
                       "off-ramps' losses)")
-    during_training = [flag for flag, given in (("--evaluate_during_training", args.evaluate_during_training),
-                                                ("--eval_after_first_stage", args.eval_after_first_stage)) if given]
-    if args.do_train and args.eval_split == "test" and during_training:
-        raise UserInputError(f"{' and '.join(during_training)} score the eval split while training, but the test "
-                             f"split has no labels: use --eval_split dev or heldout")
     if args.stage2_learning_rate is not None and not args.deebert_two_stage:
         unused.append("--stage2_learning_rate (only DeeBERT's two stages have a stage 2)")
     if args.exit_weight_learning_rate != ELBERT_WEIGHT_LEARNING_RATE and args.exit_loss != "learned":

@@ -199,30 +199,42 @@ def read_split(args: argparse.Namespace, task: TaskSpec, split: str, limit: int 
     return examples
 
 
+def training_set(settings: dict) -> str:
+    """Which training examples a run with these arguments trains on: all of train, or all but the held-out part."""
+    if settings.get("eval_split") == "heldout":
+        return f"the training set less its held-out part (--eval_split heldout --heldout_fraction " \
+               f"{settings.get('heldout_fraction')})"
+    return f"the whole training set (--eval_split {settings.get('eval_split')})"
+
+
 def check_heldout_is_unseen(args: argparse.Namespace, task: TaskSpec, folders: list[str]) -> None:
     """``--eval_split heldout`` scores a part of the training set, which only a model trained with the same
-    ``--eval_split heldout --heldout_fraction`` never saw: refuse any other model of this task that says how it was
-    trained (its training_args.json), and warn when a fine-tuned one does not say."""
-    if args.eval_split != "heldout" or args.do_train:  # training here leaves the held-out part out itself
+    ``--eval_split heldout --heldout_fraction`` never saw: refuse any model of this task whose training_args.json says
+    it trained otherwise (a checkpoint left by an earlier run included), and warn when a fine-tuned one does not say."""
+    if args.eval_split != "heldout":
         return
     for folder in folders:
         saved_path = os.path.join(folder, "training_args.json")
         if not os.path.isfile(saved_path):
-            if os.path.isfile(os.path.join(folder, "config.json")):
+            config_path = os.path.join(folder, "config.json")
+            fine_tuned = False
+            if os.path.isfile(config_path):
+                with open(config_path, encoding="utf-8") as stream:
+                    config = json.load(stream)
+                fine_tuned = bool(config.get("finetuning_task") or config.get("exit_head_type"))
+            if fine_tuned:
                 logger.warning("--eval_split heldout: %s has no training_args.json, so whether it trained on the "
                                "held-out examples cannot be checked", folder)
             continue
         with open(saved_path, encoding="utf-8") as stream:
             saved = json.load(stream)
-        if saved.get("do_train") is False or trained_on_another_task(saved.get("task_name"), task):
-            continue  # an evaluation's arguments, or a model of another task: it never trained on these examples
-        if saved.get("eval_split") != "heldout" or saved.get("heldout_fraction") != args.heldout_fraction:
-            how = (f"--eval_split heldout --heldout_fraction {saved.get('heldout_fraction')}"
-                   if saved.get("eval_split") == "heldout" else f"--eval_split {saved.get('eval_split')}")
+        if trained_on_another_task(saved.get("task_name"), task):
+            continue  # a model of another task never trained on these examples
+        if training_set(saved) != training_set(vars(args)):
             raise UserInputError(
-                f"{folder} was trained with {how}, so it trained on examples of the held-out part that --eval_split "
-                f"heldout --heldout_fraction {args.heldout_fraction} would score; evaluate it on dev, or train with "
-                f"these flags"
+                f"{folder} was trained on {training_set(saved)}, so it trained on examples of the held-out part that "
+                f"--eval_split heldout --heldout_fraction {args.heldout_fraction} would score; evaluate it on dev, "
+                f"or train with these flags"
             )
 
 

@@ -34,7 +34,7 @@ from multiexit_io import (
     set_rng_state,
     staged_files,
 )
-from multiexit_loading import model_inputs
+from multiexit_loading import model_inputs, training_set
 
 logger = logging.getLogger("run_glue_with_exits")
 
@@ -91,7 +91,7 @@ def find_resume_folder(args: argparse.Namespace) -> str | None:
         if not complete:
             logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting fresh", args.output_dir)
             return None
-        return complete[-1]
+        return check_same_training_set(args, complete[-1])
     folder = args.resume_from_checkpoint
     if not os.path.isdir(folder):
         raise UserInputError(f"--resume_from_checkpoint {folder}: no such folder")
@@ -100,6 +100,21 @@ def find_resume_folder(args: argparse.Namespace) -> str | None:
             f"--resume_from_checkpoint {folder}: not a training checkpoint (needs trainer_state.json, "
             f"training_state.pt and model.safetensors, as in the checkpoint-N folders written with --save_steps)"
         )
+    return check_same_training_set(args, folder)
+
+
+def check_same_training_set(args: argparse.Namespace, folder: str) -> str:
+    """A resumed run trains on the examples the interrupted one trained on: switching --eval_split heldout (or its
+    fraction) on or off would mix in, or hold out, examples the weights have already seen."""
+    try:
+        with open(os.path.join(folder, "training_args.json"), encoding="utf-8") as stream:
+            saved = json.load(stream)
+    except (OSError, ValueError):
+        return folder
+    if "eval_split" in saved and training_set(saved) != training_set(vars(args)):
+        raise UserInputError(f"{folder} was trained on {training_set(saved)}; resuming it on "
+                             f"{training_set(vars(args))} would mix the two: resume with the same --eval_split and "
+                             f"--heldout_fraction")
     return folder
 
 
@@ -122,7 +137,7 @@ RESUME_SENSITIVE_FLAGS = ("task_name", "data_dir", "max_train_samples", "max_seq
                           "per_gpu_train_batch_size", "gradient_accumulation_steps", "deebert_two_stage", "exit_loss",
                           "exit_head_type", "exit_pooling", "learning_rate", "stage2_learning_rate", "weight_decay",
                           "exit_weight_learning_rate", "group_by_length", "regression_exit_bias",
-                          "classification_exit_bias", "eval_split", "heldout_fraction")
+                          "classification_exit_bias")
 
 
 def warn_if_resume_differs(args: argparse.Namespace, accelerator, folder: str) -> None:  # noqa: ANN001

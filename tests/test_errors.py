@@ -56,8 +56,13 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     shutil.copytree(multi_exit, trained_on_heldout)
     (trained_on_heldout / "training_args.json").write_text(json.dumps(
         {"do_train": True, "task_name": "sst-2", "eval_split": "heldout", "heldout_fraction": 0.2}))
+    resumable_dev = root / "checkpoint-3"  # a training checkpoint of a run on the whole training set
+    shutil.copytree(trained_on_dev, resumable_dev)
+    (resumable_dev / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    (resumable_dev / "training_state.pt").write_bytes(b"")
     return {
         "model": model,
+        "resumable_dev": resumable_dev,
         "trained_on_dev": trained_on_dev,
         "trained_on_heldout": trained_on_heldout,
         "multi_exit_2_labels": multi_exit,
@@ -161,10 +166,16 @@ FLAG_CASES = {
                                                      r"with --exit_head_type linear"),
     "held-out part of a model trained on all of train": (
         ["--do_eval", "--eval_split", "heldout", "--model_name_or_path", "{trained_on_dev}"],
-        r"was trained with --eval_split dev, so it trained on examples of the held-out part"),
+        r"was trained on the whole training set \(--eval_split dev\), so it trained on examples of the held-out "
+        r"part"),
     "held-out part of another fraction": (
         ["--do_eval", "--eval_split", "heldout", "--model_name_or_path", "{trained_on_heldout}"],
-        r"was trained with --eval_split heldout --heldout_fraction 0.2, so .* --heldout_fraction 0.1 would score"),
+        r"less its held-out part \(--eval_split heldout --heldout_fraction 0.2\), so .* --heldout_fraction 0.1 would "
+        r"score"),
+    "resuming on another training set": (
+        ["--do_train", "--resume_from_checkpoint", "{resumable_dev}", "--eval_split", "heldout"],
+        r"checkpoint-3 was trained on the whole training set \(--eval_split dev\); resuming it on the training set "
+        r"less its held-out part .* would mix the two"),
     "scores on the test split during training": (["--do_train", "--evaluate_during_training", "--eval_split", "test"],
                                                   r"--evaluate_during_training score .* the test split has no labels"),
     "calibration on 3 examples": (["--do_eval", "--max_eval_samples", "3", "--calibrate_speedup", "1.5"],
@@ -183,7 +194,8 @@ def test_bad_flags_give_one_clear_error_and_write_nothing(case: str, tiny: dict[
     flags, expected = FLAG_CASES[case]
     names = {"tmp": tmp_path, "data": tiny["data"], "model": tiny["model"], "multi_exit": tiny["multi_exit_2_labels"],
              "damaged": tiny["damaged"], "no_weights": tiny["no_weights"], "other_task": tiny["other_task"],
-             "trained_on_dev": tiny["trained_on_dev"], "trained_on_heldout": tiny["trained_on_heldout"]}
+             "trained_on_dev": tiny["trained_on_dev"], "trained_on_heldout": tiny["trained_on_heldout"],
+             "resumable_dev": tiny["resumable_dev"]}
     flags = [str(flag).format(**names) for flag in flags]
     output_dir = tmp_path / "out"
     status, stderr = run_main(base_args(tiny, output_dir, *flags))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,30 @@ def test_eval_all_checkpoints_evaluates_each_folder_once(tmp_path: Path) -> None
     assert evaluated_checkpoints(args, "bert-base-uncased")[-1] == "bert-base-uncased"  # a hub name stays
     args.eval_all_checkpoints = False
     assert evaluated_checkpoints(args, same_folder) == [same_folder]
+
+
+def test_a_stale_checkpoint_that_trained_on_the_held_out_part_is_refused(tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """--do_train --eval_all_checkpoints also evaluates checkpoints an earlier run left in output_dir: one trained on
+    the whole training set is refused (after training, before it is scored). A plain pretrained model, which says
+    nothing of how it was trained, is evaluated on the held-out part without a warning."""
+    import json
+    import shutil
+
+    model = make_tiny_model(tmp_path / "model", layers=2)
+    data = write_sst2(tmp_path / "SST-2", train=40, dev=5)
+    output_dir = tmp_path / "out"
+    stale = output_dir / "checkpoint-9"
+    shutil.copytree(model, stale)
+    (stale / "training_args.json").write_text(json.dumps({"task_name": "sst-2", "eval_split": "dev",
+                                                           "heldout_fraction": 0.1, "do_train": True}))
+    common = ["--task_name", "sst-2", "--data_dir", data, "--max_seq_length", 32, "--eval_split", "heldout"]
+    status, stderr = run_main(["--model_name_or_path", model, "--output_dir", output_dir, *common, "--do_train",
+                               "--max_steps", 1, "--overwrite_output_dir", "--do_eval", "--eval_all_checkpoints"])
+    assert status == 2 and "checkpoint-9 was trained on the whole training set (--eval_split dev)" in stderr, stderr
+    assert not (output_dir / "exit_results.jsonl").exists()
+    caplog.set_level(logging.WARNING)
+    status, stderr = run_main(["--model_name_or_path", model, "--output_dir", tmp_path / "plain", *common,
+                               "--do_eval"])
+    assert status == 0, stderr
+    assert "cannot be checked" not in caplog.text
