@@ -181,6 +181,26 @@ def test_final_model_files_are_staged(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["config.json", "exit_results.jsonl", "model.safetensors"]
 
 
+def test_atomic_files_are_readable_like_any_other(tmp_path: Path) -> None:
+    """mkstemp makes private files; results are meant to be shared, so each atomic writer leaves the umask's mode."""
+    import stat
+
+    import numpy as np
+
+    from multiexit_io import atomic_copy, atomic_write_text
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_text(str(tmp_path / "summary.md"), "é\n")
+        atomic_save_npy(str(tmp_path / "logits.npy"), np.zeros(2))
+        atomic_copy(str(tmp_path / "summary.md"), str(tmp_path / "copy.md"))
+    finally:
+        os.umask(mask)
+    for name in ("summary.md", "logits.npy", "copy.md"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644, name
+    assert (tmp_path / "copy.md").read_text(encoding="utf-8") == "é\n"
+
+
 def test_arrays_are_written_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import numpy as np
 
