@@ -608,8 +608,8 @@ _FEATURES_VERSION = 2
 def _tokenizer_state(tokenizer: Any) -> list[Any]:
     """What decides how ``tokenizer`` encodes a text: its class, vocabulary and pipeline (a fast tokenizer's whole
     tokenizer.json, less the truncation and padding that each call sets), special tokens, truncation side, output
-    names and the transformers version. Its name alone is not enough: a local folder can be overwritten with another
-    tokenizer, or a setting changed, under the same name."""
+    names, its init settings and the transformers version. Its name alone is not enough: a local folder can be
+    overwritten with another tokenizer, or a setting changed, under the same name."""
     import transformers
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -623,6 +623,9 @@ def _tokenizer_state(tokenizer: Any) -> list[Any]:
         type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer), pipeline,
         sorted(str(token) for token in getattr(tokenizer, "all_special_tokens", [])),
         getattr(tokenizer, "truncation_side", None), list(getattr(tokenizer, "model_input_names", [])),
+        # its settings as given (do_lower_case, strip_accents, ...): a tokenizer without a fast pipeline keeps them here
+        {key: value for key, value in sorted(getattr(tokenizer, "init_kwargs", {}).items())
+         if isinstance(value, (str, int, float, bool, type(None)))},
         transformers.__version__,
     ]
 
