@@ -159,7 +159,9 @@ class ExitGraphs:
         graphs.inputs[1].fill_(1)
         if self.capture:
             # autocast as the caller has it, but without its weight-cast cache (see the module docstring)
-            with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_on, cache_enabled=False):
+            # on the model's device, whichever is current (torch.cuda.graph's capture stream is made on the current one)
+            with torch.cuda.device(self.device), torch.autocast(self.device.type, dtype=autocast_dtype,
+                                                                enabled=autocast_on, cache_enabled=False):
                 self._capture(graphs)
         self._graphs[key] = graphs  # only once complete: a failed capture leaves no half-built bucket behind
         return graphs
