@@ -158,8 +158,8 @@ class ExitGraphs:
             graphs = _BucketGraphs(bucket, torch.zeros(3, 1, bucket, dtype=torch.long, device=self.device))
         graphs.inputs[1].fill_(1)
         if self.capture:
-            # autocast as the caller has it, but without its weight-cast cache (see the module docstring)
-            # on the model's device, whichever is current (torch.cuda.graph's capture stream is made on the current one)
+            # on the model's device, whichever is current, and under autocast as the caller has it but without its
+            # weight-cast cache (see the module docstring)
             with torch.cuda.device(self.device), torch.autocast(self.device.type, dtype=autocast_dtype,
                                                                 enabled=autocast_on, cache_enabled=False):
                 self._capture(graphs)

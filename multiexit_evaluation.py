@@ -202,11 +202,9 @@ class ResultWriter:
             submission_path = os.path.join(detail_dir, "submission_" + _file_label(score.policy),
                                            submission_file_name(self.task))
             record["submission_file"] = os.path.relpath(submission_path, self.args.output_dir)
-        if self.enabled:
-            os.makedirs(detail_dir, exist_ok=True)
+        if self.enabled:  # (the atomic writers make the folders)
             write_per_example(detail_path, score, labels, first_index)
             if submission_path is not None:
-                os.makedirs(os.path.dirname(submission_path), exist_ok=True)
                 atomic_write_text(submission_path, submission_text(self.task, score.predictions, first_index))
             append_jsonl(os.path.join(self.args.output_dir, RESULTS_FILE), record)
         return record

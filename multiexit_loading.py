@@ -210,7 +210,8 @@ def training_set(settings: dict) -> str:
 def check_heldout_is_unseen(args: argparse.Namespace, task: TaskSpec, folders: list[str]) -> None:
     """``--eval_split heldout`` scores a part of the training set, which only a model trained with the same
     ``--eval_split heldout --heldout_fraction`` never saw: refuse any model of this task whose training_args.json says
-    it trained otherwise (a checkpoint left by an earlier run included), and warn when a fine-tuned one does not say."""
+    it trained otherwise (a checkpoint left by an earlier run included), and warn when a fine-tuned one does not say.
+    A name that is no local folder (a hub model) says nothing and is passed over."""
     if args.eval_split != "heldout":
         return
     for folder in folders:
@@ -243,10 +244,9 @@ def load_features(args: argparse.Namespace, task: TaskSpec, tokenizer: object, e
     """Tokenised ``examples``, cached under <output_dir>/.feature_cache (--overwrite_cache: tokenised again and the
     cache rewritten). Segment ids go with the model's need for them (BERT, ALBERT: ``type_vocab_size`` 2; RoBERTa: 1,
     which the seeds feed none), whatever the tokenizer returns by default."""
-    cache_dir = os.path.join(args.output_dir, ".feature_cache")
-    os.makedirs(cache_dir, exist_ok=True)
     segments = getattr(config, "type_vocab_size", 1) > 1
-    return build_features(examples, tokenizer, args.max_seq_length, task, cache_dir=cache_dir,
+    return build_features(examples, tokenizer, args.max_seq_length, task,
+                          cache_dir=os.path.join(args.output_dir, ".feature_cache"),
                           token_type_ids=segments, overwrite_cache=args.overwrite_cache)
 
 

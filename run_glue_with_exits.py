@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     needs_eval_data = args.do_eval or args.evaluate_during_training
     eval_examples = read_split(args, task, args.eval_split, args.max_eval_samples) if needs_eval_data else None
     if not args.do_train:  # (with --do_train: checked after training, on the checkpoints then evaluated)
-        check_heldout_is_unseen(args, task, [c for c in evaluated_checkpoints(args, path) if os.path.isdir(c)])
+        check_heldout_is_unseen(args, task, evaluated_checkpoints(args, path))
     labelled = sum(example.label is not None for example in eval_examples or [])
     if args.do_eval and (args.calibrate_speedup or args.calibrate_max_drop) and 0 < labelled < 4:
         raise UserInputError(f"--calibrate_speedup / --calibrate_max_drop choose a setting on one half of the eval "
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.do_eval:
         checkpoints = evaluated_checkpoints(args, path)  # after training: its checkpoints included
         if args.do_train:  # checkpoints an earlier run left in output_dir may have trained on the held-out part
-            check_heldout_is_unseen(args, task, [c for c in checkpoints if os.path.isdir(c)])
+            check_heldout_is_unseen(args, task, checkpoints)
         if not requested and not args.sweep_default_grids:
             logger.info("no exit policy given: reporting full depth%s only (see --patience, --early_exit_entropy, "
                         "--sweep_default_grids ...)", " and each layer" if args.eval_each_highway else "")
