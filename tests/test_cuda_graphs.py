@@ -11,9 +11,9 @@ values the inputs reach at the layers below the last, so the inputs leave at dif
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from tiny_runs import threshold_between
 from transformers import AlbertConfig, BertConfig, RobertaConfig
 
 from exit_policies import (
@@ -62,25 +62,15 @@ def padded(input_ids: torch.Tensor, length: int, pad: int) -> tuple[torch.Tensor
     return ids, mask
 
 
-def _between_middle_values(values: torch.Tensor) -> float:
-    """The midpoint of the widest gap between consecutive distinct values in the middle half: inputs fall on both
-    sides, and float rounding (padding, a batch, autocast) cannot move a value across it."""
-    distinct = np.unique(values.flatten().double().cpu().numpy())
-    low, high = len(distinct) // 4, max(len(distinct) * 3 // 4, len(distinct) // 4 + 2)
-    middle = distinct[low:high]
-    widest = int(np.argmax(np.diff(middle)))
-    return float((middle[widest] + middle[widest + 1]) / 2)
-
-
 def policies_for(model: torch.nn.Module, inputs: list[torch.Tensor]) -> list[ExitPolicy]:
     """A budget, PABEE, and the threshold rules with thresholds between the values ``inputs`` reach below the last
     layer (from the eager all-exits pass), so that the decision, not a constant, sets each exit."""
     with torch.no_grad():
         below_last = torch.cat([model(ids).all_logits.transpose(0, 1)[:, :-1].float() for ids in inputs])
-    uncertainty = _between_middle_values(normalized_entropy(below_last))
+    uncertainty = threshold_between(normalized_entropy(below_last))
     return [BudgetExit(layer=2), PatienceExit(patience=1),
-            EntropyExit(threshold=_between_middle_values(entropy(below_last))),
-            MaxProbExit(threshold=_between_middle_values(below_last.softmax(-1).amax(-1))),
+            EntropyExit(threshold=threshold_between(entropy(below_last))),
+            MaxProbExit(threshold=threshold_between(below_last.softmax(-1).amax(-1))),
             PCEEExit(patience=1, tau=uncertainty), PCEEExit(patience=2, tau=uncertainty, ensemble="pcee"),
             ELBERTExit(delta=uncertainty, window=2, criterion="monotonic")]
 

@@ -18,6 +18,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from tiny_runs import threshold_between
 
 import exit_policies
 import multiexit_args
@@ -109,14 +110,6 @@ def test_online_equals_replay_example_by_example(trained_run):  # noqa: ANN001
         np.testing.assert_array_equal(a["prediction"], b["prediction"])
 
 
-def _threshold_splitting(values: np.ndarray) -> float:
-    """A threshold strictly between the two middle distinct values, so some examples pass it and some do not."""
-    distinct = np.unique(values)
-    assert len(distinct) >= 2, "the trained exits give every example the same score; nothing can split them"
-    middle = len(distinct) // 2
-    return float((distinct[middle - 1] + distinct[middle]) / 2)
-
-
 def _online_argv(trained_run: str, mrpc_dir: str, output_dir: str, entropy: float, maxprob: float) -> list[str]:
     return ["--model_type", "bert", "--model_name_or_path", trained_run, "--task_name", "mrpc",
             "--data_dir", mrpc_dir, "--output_dir", output_dir, "--do_eval", "--max_eval_samples", "24",
@@ -130,8 +123,8 @@ def _mid_depth_thresholds(trained_run: str) -> tuple[float, float]:
     (some exit at layer 1, some go on): online == replay then checks the decision, not just "never exit"."""
     logits = torch.from_numpy(np.load(os.path.join(trained_run, "layer_logits", "final_dev_logits.npy")))
     first_layer = logits[:, 0].float()
-    return (_threshold_splitting(exit_policies.entropy(first_layer).numpy()),
-            _threshold_splitting(torch.softmax(first_layer, dim=-1).amax(dim=-1).numpy()))
+    return (threshold_between(exit_policies.entropy(first_layer)),
+            threshold_between(torch.softmax(first_layer, dim=-1).amax(dim=-1)))
 
 
 def test_online_equals_replay_when_examples_exit_at_different_depths(trained_run, mrpc_dir, tmp_path):  # noqa: ANN001

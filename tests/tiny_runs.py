@@ -144,3 +144,17 @@ VOLATILE_KEYS = ("time", "wall_time_s", "wall_time_repeats_s", "full_depth_wall_
 def comparable(record: dict) -> dict:
     """A record without what legitimately differs between identical runs (clock times, paths)."""
     return {key: value for key, value in record.items() if key not in VOLATILE_KEYS}
+
+
+def threshold_between(values: object) -> float:
+    """A threshold that splits ``values`` (a tensor or array of per-example scores): the midpoint of the widest gap
+    between consecutive distinct values in their middle half, so that examples fall on both sides and float rounding
+    (padding, a batch, autocast) cannot move one across it. For tests that need an exit decided per example."""
+    import numpy as np
+
+    distinct = np.unique(torch.as_tensor(values).flatten().double().cpu().numpy())
+    assert len(distinct) >= 2, "every example has the same score; no threshold can split them"
+    low, high = len(distinct) // 4, max(len(distinct) * 3 // 4, len(distinct) // 4 + 2)
+    middle = distinct[low:high]
+    widest = int(np.argmax(np.diff(middle)))
+    return float((middle[widest] + middle[widest + 1]) / 2)
