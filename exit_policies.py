@@ -174,28 +174,14 @@ class TensorOps:
         return torch.cat([window[:, 1:], rows[:, None]], dim=1)
 
     @staticmethod
-    def first(sequence: torch.Tensor) -> torch.Tensor:
-        return sequence[:, 0]
-
-    @staticmethod
-    def start_class_others(window: torch.Tensor) -> torch.Tensor:
-        """1 − p_c at every window entry, c the argmax of the window's first entry (the first of equal maxima), as the
-        sum of the other classes' probabilities (no cancellation)."""
+    def start_class_window(window: torch.Tensor, bound: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For c, the argmax of the window's first entry (the first of equal maxima), and 1 − p_c at every entry,
+        summed over the other classes (no cancellation): (every entry below ``bound``, never rising, max − min)."""
         start_class = window[:, 0].argmax(dim=-1)
         is_start_class = torch.nn.functional.one_hot(start_class, window.shape[-1]).bool()[:, None, :]
-        return _ordered_sum(window.masked_fill(is_start_class, 0.0))
-
-    @staticmethod
-    def all_below(sequence: torch.Tensor, bound: float) -> torch.Tensor:
-        return (sequence < bound).all(dim=1)
-
-    @staticmethod
-    def nonincreasing(sequence: torch.Tensor) -> torch.Tensor:
-        return (sequence[:, 1:] <= sequence[:, :-1]).all(dim=1)
-
-    @staticmethod
-    def spread(sequence: torch.Tensor) -> torch.Tensor:
-        return sequence.amax(dim=1) - sequence.amin(dim=1)
+        others = _ordered_sum(window.masked_fill(is_start_class, 0.0))
+        return ((others < bound).all(dim=1), (others[:, 1:] <= others[:, :-1]).all(dim=1),
+                others.amax(dim=1) - others.amin(dim=1))
 
 
 class RowOps:
@@ -252,16 +238,19 @@ class RowOps:
     def probs_and_normalized_entropy(logits: list[float]) -> tuple[list[float], float]:
         # probs' and entropy's loops fused: the same operations in the same order, so the same numbers
         top, logits = RowOps._top(logits)
-        exponentials = []
+        probs = []
         total = weighted = 0.0
         for value in logits:
             shifted = value - top
             exponential = _exp(shifted)
-            exponentials.append(exponential)
+            probs.append(exponential)
             total += exponential
             weighted += exponential * shifted
-        probs = [exponential / total for exponential in exponentials]
-        return probs, (_log(total) - weighted / total) / _log(len(logits))
+        index = 0
+        for exponential in probs:  # divided in place: a comprehension is one more function call on Python 3.11
+            probs[index] = exponential / total
+            index += 1
+        return probs, (_log(total) - weighted / total) / _log(index)
 
     @staticmethod
     def max_prob(logits: list[float]) -> float:
@@ -336,43 +325,32 @@ class RowOps:
         return (*window, row)[-size:]
 
     @staticmethod
-    def first(sequence: Sequence) -> object:
-        return sequence[0]
-
-    @staticmethod
-    def start_class_others(window: Sequence[list[float]]) -> list[float]:
-        # the other classes' total in class order, as TensorOps adds (its masked-out class adds 0.0, which changes no
-        # total of probabilities)
+    def start_class_window(window: Sequence[list[float]], bound: float) -> tuple[bool, bool, float]:
+        # one pass over the window (this runs at every layer of ELBERT): 1 − p_c of each entry as the other classes'
+        # total in class order, as TensorOps adds (its masked-out class adds 0.0, which changes no total)
         start_class = RowOps.argmax(window[0])
-        result = []
+        below = never_rising = True
+        previous = highest = lowest = None
         for row in window:
             total, index = 0.0, 0
             for value in row:
                 if index != start_class:
                     total += value
                 index += 1
-            result.append(total)
-        return result
-
-    @staticmethod
-    def all_below(sequence: list[float], bound: float) -> bool:
-        for value in sequence:
-            if not value < bound:
-                return False
-        return True
-
-    @staticmethod
-    def nonincreasing(sequence: list[float]) -> bool:
-        previous = None
-        for value in sequence:
-            if previous is not None and not value <= previous:
-                return False
-            previous = value
-        return True
-
-    @staticmethod
-    def spread(sequence: list[float]) -> float:
-        return max(sequence) - min(sequence)
+            if not total < bound:
+                below = False
+            if previous is None:
+                highest = lowest = total
+            elif not total <= previous:
+                never_rising = False
+            if total > highest:
+                highest = total
+            elif total < lowest:
+                lowest = total
+            elif total != total:  # NaN: max − min is NaN, as TensorOps' amax and amin give
+                highest = total
+            previous = total
+        return below, never_rising, highest - lowest
 
 
 _exp, _log = math.exp, math.log
@@ -989,14 +967,16 @@ class ELBERTExit(ExitPolicy):
         window = ops.push(state["window"], probs, self.window)
         exits = normalized_entropy < self.delta
         if layer >= self.window:
-            others = ops.start_class_others(window)  # 1 − p_c at each window layer, c the argmax at its start
-            bound = 0.5 - self.margin  # on c's side: p_c > 0.5 + margin, i.e. 1 − p_c < 0.5 − margin
+            # c is the argmax at the window's start; a layer is on c's side when p_c > 0.5 + margin, i.e. when
+            # 1 − p_c < 0.5 − margin. Monotonic asks that the start be on c's side and p_c never fall, which is
+            # every layer on c's side and p_c never falling
+            on_side, never_falls, spread = ops.start_class_window(window, 0.5 - self.margin)
             if self.criterion == "same":
-                window_ok = ops.all_below(others, bound)
+                window_ok = on_side
             elif self.criterion == "monotonic":
-                window_ok = (ops.first(others) < bound) & ops.nonincreasing(others)
+                window_ok = on_side & never_falls
             else:
-                window_ok = ops.all_below(others, bound) & (ops.spread(others) <= self.range_threshold)
+                window_ok = on_side & (spread <= self.range_threshold)
             exits = exits | window_ok
         return exits, {"window": window}
 

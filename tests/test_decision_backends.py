@@ -4,6 +4,7 @@ its batch-size-1 decisions exactly those of the batched path and of the replay."
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -40,10 +41,13 @@ def test_measures_are_bit_identical(values: np.ndarray) -> None:
         row_probs, row_entropy = RowOps.probs_and_normalized_entropy(row)
         assert np.array_equal(row_probs, RowOps.probs(row), equal_nan=True)
         assert np.array_equal([row_entropy, batched_entropy], [RowOps.normalized_entropy(row)] * 2, equal_nan=True)
-    # a window whose entries differ (the start class is the first entry's argmax, not the last's)
-    window = torch.stack([probs, probs.flip(-1), probs], dim=1)
-    others = TensorOps.start_class_others(window).tolist()
-    assert np.array_equal(others, [RowOps.start_class_others(entries) for entries in window.tolist()], equal_nan=True)
+    # windows whose entries differ (the start class is the first entry's argmax, not the last's) or are equal (p_c
+    # never falls)
+    windows = (torch.stack([probs, probs.flip(-1), probs], dim=1), torch.stack([probs, probs, probs], dim=1))
+    for window, bound in itertools.product(windows, (0.0, 0.3, 0.5, 1.0)):
+        batched = [value.tolist() for value in TensorOps.start_class_window(window, bound)]
+        one_by_one = [RowOps.start_class_window(entries, bound) for entries in window.tolist()]
+        assert np.array_equal(np.array(batched).T, np.array(one_by_one, dtype=float), equal_nan=True)
 
 
 @settings(max_examples=200, deadline=None)
