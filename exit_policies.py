@@ -328,11 +328,12 @@ class RowOps:
 
     @staticmethod
     def empty_window(batch_size: int, size: int, width: int) -> tuple:
-        return ()
+        # ``size`` placeholders, as TensorOps' NaN rows: a rule reads a window only once it is full
+        return (None,) * size
 
     @staticmethod
     def push(window: tuple, row: list[float], size: int) -> tuple:
-        return (*window, row)[-size:]
+        return window[1:] + (row,)
 
     @staticmethod
     def start_class_window(window: Sequence[list[float]], bound: float) -> tuple[bool, bool, float]:
@@ -1079,7 +1080,9 @@ class ExitTracker:
 
     def update(self, logits: torch.Tensor, layer: int) -> torch.Tensor | None:
         if self.one_row:  # here, not in a method of its own: batch size 1 pays every call right after a layer
-            row = read_row(logits)
+            # the exit logits [1, C] as Python floats: the one device-to-host transfer (and synchronisation) of the
+            # layer
+            row = logits.tolist()[0]
             if self.state is None:
                 self.state = self.policy.init_state(RowOps, 1, len(row))
             exits, self.state = self.policy.step(RowOps, self.state, row, layer)
@@ -1131,12 +1134,6 @@ _ONE_ROW = torch.zeros(1, dtype=torch.long)  # active: row 0
 _ONE_ROW_NOT_EXITED = torch.zeros(1, dtype=torch.long)  # exit_layer: 0 until the row exits
 _NO_ROWS = torch.zeros(0, dtype=torch.long)  # active once it has exited
 _NO_ROW_LEFT = torch.zeros(1, dtype=torch.bool)
-
-
-def read_row(logits: torch.Tensor) -> list[float]:
-    """The exit logits [1, C] of one layer as Python floats: at batch size 1, the one device-to-host transfer (and
-    the one synchronisation) of that layer."""
-    return logits.tolist()[0]
 
 
 @dataclass
