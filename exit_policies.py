@@ -238,8 +238,7 @@ class RowOps:
     def probs_and_normalized_entropy(logits: list[float]) -> tuple[list[float], float]:
         # probs' and entropy's loops fused: the same operations in the same order, so the same numbers
         # RowOps._top's scan written out, and _top called only for ±inf or NaN: ELBERT runs this at every layer,
-        # where the call and its tuple cost about a microsecond right after a layer (per-layer overhead 11.3 -> 10.2
-        # µs, benchmarks/benchmark_exits.py's measure in 8 processes)
+        # where the call and its tuple cost about half a microsecond right after a layer (cold caches)
         top = low = logits[0]
         for value in logits:
             if value > top:
