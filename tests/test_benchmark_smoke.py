@@ -94,3 +94,18 @@ def test_cuda_section_rehearsed_on_cpu(tmp_path: Path) -> None:
         assert block["rows"] and all(math.isfinite(row["ratio"]) and row["ratio"] > 0 for row in block["rows"])
     assert all(math.isfinite(row["ratio"]) for block in cuda["c"] for row in block["rows"])
     assert "## CUDA: batch size 1, eager and CUDA graphs" in (tmp_path / "B.md").read_text()
+
+
+def test_overhead_comparison_measures_each_revision_in_its_own_process(tmp_path: Path) -> None:
+    # benchmarks/compare_overhead.py: the benchmark's overhead measure, with a revision's own library code
+    import subprocess
+
+    if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    import compare_overhead
+
+    results = compare_overhead.main(["HEAD", "WORKTREE", "--processes", "1", "--calls", "2", "--policies", "pabee",
+                                     "--output", str(tmp_path / "table.md")])
+    assert len(results["revisions"]) == 2 and "WORKTREE" in results["revisions"]
+    assert all(len(runs) == 1 and math.isfinite(runs[0]["pabee"]) for runs in results["revisions"].values())
+    assert "| pabee |" in (tmp_path / "table.md").read_text()
