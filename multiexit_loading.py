@@ -240,14 +240,15 @@ def check_heldout_is_unseen(args: argparse.Namespace, task: TaskSpec, folders: l
 
 
 def load_features(args: argparse.Namespace, task: TaskSpec, tokenizer: object, examples: list,
-                  config: PretrainedConfig) -> datasets.Dataset:
+                  config: PretrainedConfig, main_process: bool = True) -> datasets.Dataset:
     """Tokenised ``examples``, cached under <output_dir>/.feature_cache (--overwrite_cache: tokenised again and the
-    cache rewritten). Segment ids go with the model's need for them (BERT, ALBERT: ``type_vocab_size`` 2; RoBERTa: 1,
-    which the seeds feed none), whatever the tokenizer returns by default."""
+    cache rewritten, by the main process only: the others run after it and read what it wrote, instead of each
+    rewriting the file the ones before them read). Segment ids go with the model's need for them (BERT, ALBERT:
+    ``type_vocab_size`` 2; RoBERTa: 1, which the seeds feed none), whatever the tokenizer returns by default."""
     segments = getattr(config, "type_vocab_size", 1) > 1
     return build_features(examples, tokenizer, args.max_seq_length, task,
                           cache_dir=os.path.join(args.output_dir, ".feature_cache"),
-                          token_type_ids=segments, overwrite_cache=args.overwrite_cache)
+                          token_type_ids=segments, overwrite_cache=args.overwrite_cache and main_process)
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -83,9 +83,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # data: tokenised once (the main process writes the feature cache, the others then read it)
     with accelerator.main_process_first():
-        eval_features = load_features(args, task, tokenizer, eval_examples, source_config) if eval_examples else None
-        train_features = (load_features(args, task, tokenizer, train_examples, source_config) if train_examples
-                          else None)
+        main = accelerator.is_main_process
+        eval_features = (load_features(args, task, tokenizer, eval_examples, source_config, main) if eval_examples
+                         else None)
+        train_features = (load_features(args, task, tokenizer, train_examples, source_config, main)
+                          if train_examples else None)
 
     # model and training
     if args.do_train:

@@ -10,7 +10,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, BertConfig, PreTrainedTokenizerBase
 
 import glue_data
 from glue_data import TASKS, Example, build_features, get_task, make_collator, read_examples
@@ -649,6 +649,25 @@ def test_overwrite_cache_rewrites_the_cache(tokenizer: PreTrainedTokenizerBase, 
     caplog.clear()
     build_features(examples, tokenizer, 16, task, cache_dir=tmp_path)
     assert "reusing cached features" in caplog.text
+
+
+def test_overwrite_cache_is_the_main_process_job(tokenizer: PreTrainedTokenizerBase, tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    # a multi-process run with --overwrite_cache: the main process rewrites the cache first, the others read it
+    from multiexit_loading import load_features
+
+    examples = [Example(str(i), f"sentence {i}", None, i % 2) for i in range(5)]
+    task = get_task("sst2")
+    args = type("Args", (), {"output_dir": str(tmp_path), "max_seq_length": 16, "overwrite_cache": True})()
+    caplog.set_level(logging.INFO, logger="glue_data")
+    main = load_features(args, task, tokenizer, examples, BertConfig(), main_process=True)
+    assert "reusing cached features" not in caplog.text
+    (arrow,) = (tmp_path / ".feature_cache").glob("features-*.arrow")
+    written = arrow.stat().st_mtime_ns
+    caplog.clear()
+    other = load_features(args, task, tokenizer, examples, BertConfig(), main_process=False)
+    assert "reusing cached features" in caplog.text
+    assert arrow.stat().st_mtime_ns == written and other["input_ids"] == main["input_ids"]
 
 
 def test_submission_files_use_glue_names_and_label_names() -> None:
