@@ -171,6 +171,12 @@ def cli(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: completed checkpoints and result lines are intact", file=sys.stderr)
         return 130
+    finally:
+        # a multi-process run leaves its process group before the interpreter shuts down: left to finalisation,
+        # gloo's worker threads can abort the process ("terminate called without an active exception", SIGABRT)
+        # after all its work is done, and torchrun then reports the run as failed
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
