@@ -83,10 +83,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # data: tokenised once (the main process writes the feature cache, the others then read it)
     with accelerator.main_process_first():
-        main = accelerator.is_main_process
-        eval_features = (load_features(args, task, tokenizer, eval_examples, source_config, main) if eval_examples
+        is_main = accelerator.is_main_process
+        eval_features = (load_features(args, task, tokenizer, eval_examples, source_config, is_main) if eval_examples
                          else None)
-        train_features = (load_features(args, task, tokenizer, train_examples, source_config, main)
+        train_features = (load_features(args, task, tokenizer, train_examples, source_config, is_main)
                           if train_examples else None)
 
     # model and training
