@@ -517,10 +517,11 @@ def overhead_in_this_process(args: argparse.Namespace) -> dict:
     never = {"pabee": PatienceExit(patience=11), "deebert": EntropyExit(threshold=0.0),
              "maxprob": MaxProbExit(threshold=1.0), "pcee": PCEEExit(patience=12, tau=0.0),
              "elbert": ELBERTExit(delta=0.0, window=3, margin=0.5)}
-    unknown = set(args.overhead_policies) - set(never)
-    if unknown:
-        raise SystemExit(f"--overhead_policies: unknown {sorted(unknown)}; choose from {', '.join(never)}")
-    never = {name: policy for name, policy in never.items() if name in args.overhead_policies}
+    if args.overhead_policies:  # a subset (benchmarks/compare_overhead.py --policies); None or empty: all
+        unknown = set(args.overhead_policies) - set(never)
+        if unknown:
+            raise SystemExit(f"--overhead_policies: unknown {sorted(unknown)}; choose from {', '.join(never)}")
+        never = {name: policy for name, policy in never.items() if name in args.overhead_policies}
     rows = {}
     device = torch.device("cpu")
     for name, policy in never.items():
@@ -1091,8 +1092,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overhead_processes", type=int, default=None,
                         help="fresh processes the overhead is measured in, the median over them reported (default 5; "
                              "1 with --smoke: in this process)")
-    parser.add_argument("--overhead_policies", default="pabee,deebert,maxprob,pcee,elbert",
-                        help="the policies of the overhead measurement (each with a setting that never fires)")
+    parser.add_argument("--overhead_policies", default="",
+                        help="only these policies in the overhead measurement, comma-separated (default: all five, "
+                             "each with a setting that never fires)")
     parser.add_argument("--sweep_settings", type=int, default=100)
     parser.add_argument("--exit_fractions", default="0.4,0.65", help="target average exit layers, fractions of L")
     parser.add_argument("--exit_head_type", default=None, choices=EXIT_HEAD_TYPES,
