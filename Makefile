@@ -1,6 +1,7 @@
 # Two commands on a fresh machine (each installs everything first):
 #   make demo   train a multi-exit MiniLM on bundled BBC News offline, sweep every exit policy, write results + plot
-#   make test   lint and run the test suite (what .ci/run calls)
+#   make test   lint and run the whole test suite (what .ci/run calls)
+#   make test-fast   the inner loop: the suite without the tests marked slow (whole scripts, several processes)
 # TORCH_SPEC pins the torch used here (the CPU wheel where the index serves one; from PyPI add
 # TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" for it); on a CUDA machine install your torch
 # first and pass TORCH_SPEC=torch.
@@ -12,7 +13,7 @@ TORCH_PIP_ARGS ?=
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo-bbc-news
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-fast lint clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +35,9 @@ lint: install
 
 test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-fast: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

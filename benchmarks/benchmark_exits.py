@@ -62,11 +62,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from exit_policies import (  # noqa: E402
+from multiexit.modeling import EXIT_HEAD_TYPES
+from multiexit.policies import (
     POLICIES,
     BudgetExit,
     ELBERTExit,
@@ -81,7 +78,8 @@ from exit_policies import (  # noqa: E402
     normalized_entropy,
     replay,
 )
-from modeling_multiexit import EXIT_HEAD_TYPES  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # measurement -> (comparison, target, what is measured)
 TARGETS: dict[str, tuple[str, float, str]] = {
@@ -215,7 +213,7 @@ def load_sentences(smoke: bool) -> tuple[str, list[tuple[str, int]]]:
     folder = (Path(configured) if configured else REPO_ROOT.parent / "shared") / "data" / "glue" / "SST-2"
     if not smoke:
         try:  # glue_data needs `datasets`, which a bare GPU machine may lack: synthetic text then
-            from glue_data import get_task, read_examples
+            from multiexit.data import get_task, read_examples
 
             if folder.is_dir():
                 return f"sst2 dev ({folder})", [(e.text_a, int(e.label)) for e in
@@ -286,7 +284,8 @@ def build_models(name: str, tokenizer, device: torch.device, dtype: torch.dtype 
                  exit_head_type: str | None = None) -> ModelPair:
     from transformers import BertConfig, BertForSequenceClassification
 
-    from modeling_multiexit_bert import MultiExitBertForSequenceClassification
+    from multiexit.bert import MultiExitBertForSequenceClassification
+    from multiexit.tiny import tiny_config
 
     torch.manual_seed(0)
     if name == "minilm":
@@ -298,10 +297,13 @@ def build_models(name: str, tokenizer, device: torch.device, dtype: torch.dtype 
         stock = BertForSequenceClassification.from_pretrained(path, num_labels=2)
         description = "packaged all-MiniLM-L6-v2 (pretrained backbone, fresh exit heads)"
     else:
-        sizes = {"bert-base": (768, 12, 12, 3072), "tiny": (32, 12, 2, 37)}[name]
-        config = BertConfig(vocab_size=len(tokenizer), hidden_size=sizes[0], num_hidden_layers=sizes[1],
-                            num_attention_heads=sizes[2], intermediate_size=sizes[3], num_labels=2,
-                            exit_head_type=exit_head_type)
+        if name == "tiny":  # 12 layers, and positions for the benchmark's 128 tokens
+            config = tiny_config("bert", layers=12, vocab_size=len(tokenizer), max_position_embeddings=512,
+                                 exit_head_type=exit_head_type)
+        else:
+            config = BertConfig(vocab_size=len(tokenizer), hidden_size=768, num_hidden_layers=12,
+                                num_attention_heads=12, intermediate_size=3072, num_labels=2,
+                                exit_head_type=exit_head_type)
         ours, stock = MultiExitBertForSequenceClassification(config), BertForSequenceClassification(config)
         description = f"{name}-sized random config"
     stock.bert = ours.bert  # the very same backbone modules: same weights, same memory, same caches
@@ -481,13 +483,7 @@ def measure_overhead(args: argparse.Namespace) -> dict:
     PABEE on this project's CPU. The median of several is the estimate; every process's value is reported."""
     if args.overhead_processes <= 1:
         return overhead_in_this_process(args)
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter each time: nothing inherited
-    runs = []
-    for _ in range(args.overhead_processes):
-        with context.Pool(1) as pool:
-            runs.append(pool.apply(overhead_in_this_process, (args,)))
+    runs = [overhead_in_fresh_process(args) for _ in range(args.overhead_processes)]
     rows = {}
     for name, first in runs[0]["rows"].items():
         per_process = [run["rows"][name] for run in runs]
@@ -499,19 +495,45 @@ def measure_overhead(args: argparse.Namespace) -> dict:
     return {"calls": args.overhead_calls, "processes": len(runs), "load_average": load_now(), "rows": rows}
 
 
+def overhead_in_fresh_process(args: argparse.Namespace, code_folder: Path | None = None) -> dict:
+    """:func:`overhead_in_this_process` in a new interpreter (this file run with ``--_overhead_child``): nothing is
+    inherited. With ``code_folder`` (benchmarks/compare_overhead.py), the ``multiexit`` package measured is that
+    folder's: it comes first on the child's PYTHONPATH, and the child refuses to report if a module of the package
+    came from anywhere else."""
+    settings = {"threads": args.threads, "overhead_calls": args.overhead_calls,
+                "overhead_policies": args.overhead_policies}
+    command = [sys.executable, str(Path(__file__).resolve()), "--_overhead_child", json.dumps(settings)]
+    env = dict(os.environ)
+    if code_folder is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code_folder), env.get("PYTHONPATH")]))
+        command += ["--_code_folder", str(code_folder)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"the overhead measurement failed in its own process ({code_folder or 'this checkout'}):\n"
+                         f"{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def overhead_child(settings: str, code_folder: str | None) -> None:
+    """The fresh process of :func:`overhead_in_fresh_process`: measure, check where the package came from, print."""
+    result = overhead_in_this_process(argparse.Namespace(**json.loads(settings)))
+    if code_folder is not None:
+        root = Path(code_folder).resolve()
+        foreign = sorted(name for name, module in sys.modules.items()
+                         if name.split(".")[0] == "multiexit" and getattr(module, "__file__", None)
+                         and not Path(module.__file__).resolve().is_relative_to(root))
+        if foreign:
+            raise SystemExit(f"modules {foreign} did not come from {code_folder}")
+    print(json.dumps(result))
+
+
 @torch.no_grad()
 def overhead_in_this_process(args: argparse.Namespace) -> dict:
     """early_exit with a policy that never fires, minus the all-exits forward, per layer (tiny 12-layer BERT)."""
-    from transformers import BertConfig
+    from multiexit.tiny import tiny_model
 
     torch.set_num_threads(args.threads)
-
-    from modeling_multiexit_bert import MultiExitBertForSequenceClassification
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=12, num_attention_heads=2,
-                        intermediate_size=37, num_labels=2)
-    model = MultiExitBertForSequenceClassification(config).eval()
+    model = tiny_model("bert", layers=12).eval()
     ids = torch.randint(1, 100, (1, 16))
     mask = torch.ones_like(ids)
     never = {"pabee": PatienceExit(patience=11), "deebert": EntropyExit(threshold=0.0),
@@ -702,8 +724,8 @@ def measure_batched(pair: ModelPair, regime: Regime, policies: list[ExitPolicy],
 @torch.no_grad()
 def measure_sweep(pair: ModelPair, regime: Regime, args: argparse.Namespace, device: torch.device) -> dict:
     """(d): replaying 100 settings from the cache vs one full-depth (stock) eval pass over the same examples."""
-    from exit_replay import default_grid, sweep
-    from glue_data import compute_metrics, get_task
+    from multiexit.data import compute_metrics, get_task
+    from multiexit.replay import default_grid, sweep
 
     task = get_task("sst2")
     batches = [to_device(b, device) for b in regime.batches]
@@ -1103,6 +1125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the packaged MiniLM's)")
     parser.add_argument("--gpu_section_on_cpu", action="store_true",
                         help="rehearse the GPU section's code on CPU (graphs not captured; the numbers mean nothing)")
+    parser.add_argument("--_overhead_child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_code_folder", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.models = [name for name in args.models.split(",") if name]
     args.exit_fractions = [float(f) for f in args.exit_fractions.split(",")]
@@ -1117,8 +1141,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
+    if args._overhead_child is not None:
+        overhead_child(args._overhead_child, args._code_folder)
+        return None
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 

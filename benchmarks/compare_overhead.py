@@ -10,10 +10,11 @@ forward, tiny 12-layer BERT) in ``--processes`` fresh processes per revision, th
 order so that a drift in the machine's speed hits them alike, and reports per policy the median over the processes
 and every process's value.
 
-Each revision's library code (``exit_policies.py``, ``modeling_multiexit*.py`` and what they import) is taken from
-``git archive <revision>``; ``WORKTREE`` is the working tree as it is, uncommitted changes included. The measuring
-code is always this checkout's ``benchmark_exits.py``, so every revision is measured the same way. Run it on a quiet
-machine: every process competes for the same cores as anything else running.
+Each revision's library code (the ``multiexit`` package) is taken from ``git archive <revision>`` and put first on
+the child process's ``PYTHONPATH``; ``WORKTREE`` is the working tree as it is, uncommitted changes included. The
+measuring code is always this checkout's ``benchmark_exits.py``, so every revision is measured the same way; it builds
+its model with ``multiexit.tiny``, so the revisions compared must have the package layout. Run it on a quiet machine:
+every process competes for the same cores as anything else running.
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
 WORKTREE = "WORKTREE"
-# what the measurement imports from the revision under test, before benchmark_exits can put this checkout on the path
-MEASURED_MODULES = ("exit_policies", "modeling_multiexit", "modeling_multiexit_bert")
 
 
 def git(*arguments: str) -> str:
@@ -60,33 +59,13 @@ def checkout(revision: str, into: Path) -> tuple[Path, str]:
     return folder, f"{revision} ({commit})" if revision != commit else commit
 
 
-def measure_in_child(code_folder: str, threads: int, calls: int, policies: list[str]) -> None:
-    """Run in a fresh process: import the revision's modules from ``code_folder`` first, then measure."""
-    sys.path.insert(0, code_folder)
-    for name in MEASURED_MODULES:
-        __import__(name)
-    import benchmark_exits
-
-    args = argparse.Namespace(threads=threads, overhead_calls=calls, overhead_policies=policies)
-    result = benchmark_exits.overhead_in_this_process(args)
-    # every module of the repository that the measurement used must come from the revision under test
-    root = Path(code_folder).resolve()
-    repository_modules = {path.stem for path in root.glob("*.py")}
-    foreign = sorted(name for name in repository_modules & set(sys.modules)
-                     if Path(sys.modules[name].__file__).resolve().parent != root)
-    if foreign:
-        raise SystemExit(f"compare_overhead: modules {foreign} came from {REPO_ROOT}, not from {code_folder}; add "
-                         "them to MEASURED_MODULES")
-    print(json.dumps({name: row["overhead_per_layer_s"] for name, row in result["rows"].items()}))
-
-
 def run_child(folder: Path, args: argparse.Namespace) -> dict[str, float]:
-    command = [sys.executable, str(Path(__file__).resolve()), "--_child", str(folder), "--threads", str(args.threads),
-               "--calls", str(args.calls), "--policies", ",".join(args.policies)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"compare_overhead: the measurement failed for {folder}:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """The benchmark's overhead measure on ``folder``'s package, in a fresh process."""
+    from benchmark_exits import overhead_in_fresh_process  # this script's folder is first on sys.path
+
+    measure = argparse.Namespace(threads=args.threads, overhead_calls=args.calls, overhead_policies=args.policies)
+    result = overhead_in_fresh_process(measure, code_folder=folder)
+    return {name: row["overhead_per_layer_s"] for name, row in result["rows"].items()}
 
 
 def report(results: dict) -> list[str]:
@@ -117,7 +96,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--output", default=None, help="also write the markdown table here")
     parser.add_argument("--json", default=None, help="raw per-process results")
-    parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.policies = [name for name in args.policies.split(",") if name]
     if args.processes < 1 or args.calls < 1:
@@ -127,11 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
-    if args._child is not None:
-        measure_in_child(args._child, args.threads, args.calls, args.policies)
-        return None
-    sys.path.insert(0, str(HERE))
-    from benchmark_exits import cpu_model
+    from benchmark_exits import cpu_model  # this script's folder is first on sys.path
 
     with tempfile.TemporaryDirectory(prefix="compare-overhead-") as scratch:
         folders = {}

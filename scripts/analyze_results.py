@@ -4,7 +4,7 @@
     python scripts/analyze_results.py [--runs_dir runs/study] [--results_dir results]
 
 Works purely from ``<runs_dir>/<TASK>/<variant>/seed<k>/layer_logits/final_dev_{logits,labels}.npy`` (any depth, any
-number of seeds) with the library's replay, calibration and plot (:mod:`exit_replay`); no model is loaded. Writes
+number of seeds) with the library's replay, calibration and plot (:mod:`multiexit.replay`); no model is loaded. Writes
 
 * ``results/claims.md``: the papers' claims, a verdict (held / refuted / untestable) per task with the numbers behind
   it, and the rules that decide each verdict;
@@ -14,7 +14,7 @@ number of seeds) with the library's replay, calibration and plot (:mod:`exit_rep
 * ``results/summary.json`` (the same numbers, per seed) and ``results/plots/*.png``.
 
 Matched speed-ups (speed-up = L / mean exit layer): each seed's dev set is split in halves; a setting is chosen on the
-first half (:func:`exit_replay.calibrate_held_out`: the least aggressive setting reaching the target; for PCEE and
+first half (:func:`multiexit.replay.calibrate_held_out`: the least aggressive setting reaching the target; for PCEE and
 ELBERT among their patience / window templates) and scored on the second. A cell is marked † when the achieved
 speed-up misses the target by more than 5 %.
 """
@@ -33,19 +33,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from exit_policies import POLICIES, BudgetExit, PatienceExit  # noqa: E402
-from exit_replay import (  # noqa: E402
+from multiexit.data import TaskSpec, compute_metrics, get_task
+from multiexit.policies import POLICIES, BudgetExit, PatienceExit
+from multiexit.replay import (
     calibrate_held_out,
     default_grid,
     plot_score_vs_speedup,
     score_policy,
     sweep,
 )
-from glue_data import TaskSpec, compute_metrics, get_task  # noqa: E402
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))  # the repository
 
 warnings.filterwarnings("ignore")
 torch.set_num_threads(1)  # tiny tensors: a second thread only adds synchronisation

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from transformers import AutoTokenizer
 
-from transformers import AutoTokenizer  # noqa: E402
-
-from glue_data import get_task, read_examples  # noqa: E402
+from multiexit.data import get_task, read_examples
 
 CASES = [("rte", "RTE", "train"), ("rte", "RTE", "dev"), ("mrpc", "MRPC", "train"), ("mrpc", "MRPC", "dev"),
          ("stsb", "STS-B", "train"), ("stsb", "STS-B", "dev"), ("qnli", "QNLI", "dev")]

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
-
-from glue_data import get_task, read_examples  # noqa: E402
+from multiexit.data import get_task, read_examples
 
 
 def layer_features(model, tokenizer, sentences: list[str]) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001

@@ -1,14 +1,11 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+# The tests import the installed project (make install: an editable install), never the folder they sit in.
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# The project's modules live at the repository root, which pytest does not put on sys.path for tests/ by itself.
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,8 @@
 
 These functions are deliberately naive: one example, one layer at a time, the same torch operations in the same order
 as the published code, so that they can be read side by side with it. They are the *reference* that
-``tests/test_seed_fidelity.py`` compares our policies (:mod:`exit_policies`) against; nothing in the package imports
-them.
+``tests/test_seed_fidelity.py`` compares our policies (:mod:`multiexit.policies`) against; nothing in the package
+imports them.
 
 Input: one example's per-layer logits ``row`` as a float tensor ``[L, C]`` (row ``L - 1`` is the final classifier;
 ``C == 1`` is regression). The published models run in float32, so ``row`` is converted to float32 first.

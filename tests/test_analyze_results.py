@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # runs whole scripts: make test-fast leaves it out
 VARIANTS = {"deebert2-linear": 0.8, "weighted-linear": 1.0, "weighted-shared_pooler": 0.6,
             "deebert2-shared_pooler": 0.7, "learned-linear": 1.1}
 

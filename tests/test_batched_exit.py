@@ -16,9 +16,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from transformers import AlbertConfig, BertConfig, RobertaConfig
 
-from exit_policies import (
+from multiexit.albert import MultiExitAlbertForSequenceClassification
+from multiexit.bert import MultiExitBertForSequenceClassification, MultiExitRobertaForSequenceClassification
+from multiexit.errors import UserInputError
+from multiexit.policies import (
     BudgetExit,
     ELBERTExit,
     EntropyExit,
@@ -31,23 +33,14 @@ from exit_policies import (
     normalized_entropy,
     replay,
 )
-from modeling_multiexit_albert import MultiExitAlbertForSequenceClassification
-from modeling_multiexit_bert import MultiExitBertForSequenceClassification, MultiExitRobertaForSequenceClassification
-from multiexit_errors import UserInputError
+from multiexit.tiny import tiny_config
 
 NUM_LAYERS = 6
 LENGTHS = [12, 5, 9, 3, 12, 7, 10, 4]
-COMMON = dict(
-    vocab_size=100,
-    hidden_size=32,
-    num_hidden_layers=NUM_LAYERS,
-    num_attention_heads=2,
-    intermediate_size=37,
-    max_position_embeddings=64,
-    hidden_dropout_prob=0.0,
-    attention_probs_dropout_prob=0.0,
-    initializer_range=0.3,  # large random weights: confidences and argmaxes vary from layer to layer
-)
+# beside the factory's tiny sizes: no dropout, and large random weights, so that confidences and argmaxes vary from
+# layer to layer
+SETTINGS = dict(layers=NUM_LAYERS, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                initializer_range=0.3)
 
 
 @dataclass
@@ -80,23 +73,21 @@ def _build(kind: str) -> Setup:
     torch.manual_seed({"bert": 0, "roberta": 1, "albert": 2, "bert_regression": 3, "albert_mean": 4,
                        "roberta_mean": 6}[kind])
     if kind == "bert":
-        config = BertConfig(**COMMON, num_labels=3, attn_implementation="eager")
+        config = tiny_config("bert", **SETTINGS, attn_implementation="eager")
         model, pad, with_types = MultiExitBertForSequenceClassification(config), 0, True
     elif kind == "roberta":
-        config = RobertaConfig(**COMMON, num_labels=3, pad_token_id=1, attn_implementation="sdpa")
+        config = tiny_config("roberta", **SETTINGS, attn_implementation="sdpa")
         model, pad, with_types = MultiExitRobertaForSequenceClassification(config), 1, False
     elif kind in ("albert", "albert_mean"):
-        config = AlbertConfig(
-            **COMMON, num_labels=3, embedding_size=16, num_hidden_groups=2, attn_implementation="eager"
-        )
+        config = tiny_config("albert", **SETTINGS, attn_implementation="eager")
         pooling = "mean" if kind == "albert_mean" else "cls"  # mean: the padding mask must follow the row compaction
         model, pad, with_types = MultiExitAlbertForSequenceClassification(config, exit_pooling=pooling), 0, True
     elif kind == "roberta_mean":
-        config = RobertaConfig(**COMMON, num_labels=3, pad_token_id=1, attn_implementation="sdpa")
+        config = tiny_config("roberta", **SETTINGS, attn_implementation="sdpa")
         model = MultiExitRobertaForSequenceClassification(config, exit_pooling="mean")
         pad, with_types = 1, False
     else:  # regression, DeeBERT-style pooler exits, sdpa
-        config = BertConfig(**COMMON, num_labels=1, attn_implementation="sdpa")
+        config = tiny_config("bert", **{**SETTINGS, "num_labels": 1}, attn_implementation="sdpa")
         model, pad, with_types = MultiExitBertForSequenceClassification(config, exit_head_type="pooler"), 0, False
     # One set of exit-head weights for every layer: consecutive layers then agree more often (as trained exits do),
     # so that PABEE's patience 2 also exits before L on these random models.
@@ -110,7 +101,7 @@ def _build(kind: str) -> Setup:
     attention_mask = torch.zeros(len(LENGTHS), longest, dtype=torch.long)
     token_type_ids = torch.zeros(len(LENGTHS), longest, dtype=torch.long) if with_types else None
     for i, n in enumerate(LENGTHS):
-        input_ids[i, :n] = torch.randint(3, COMMON["vocab_size"], (n,))
+        input_ids[i, :n] = torch.randint(3, config.vocab_size, (n,))
         attention_mask[i, :n] = 1
         if token_type_ids is not None:
             token_type_ids[i, n // 2 : n] = 1  # a second segment

@@ -6,16 +6,15 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_runs import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import benchmark_exits  # noqa: E402
+pytestmark = pytest.mark.slow  # runs whole scripts: make test-fast leaves it out
+benchmark_exits = load_script(ROOT / "benchmarks" / "benchmark_exits.py")
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +101,7 @@ def test_overhead_comparison_measures_each_revision_in_its_own_process(tmp_path:
 
     if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
         pytest.skip("not a git checkout")
-    import compare_overhead
+    compare_overhead = load_script(ROOT / "benchmarks" / "compare_overhead.py")
 
     results = compare_overhead.main(["HEAD", "WORKTREE", "--processes", "1", "--calls", "2", "--policies", "pabee",
                                      "--output", str(tmp_path / "table.md")])

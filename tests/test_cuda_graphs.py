@@ -14,9 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_runs import threshold_between
-from transformers import AlbertConfig, BertConfig, RobertaConfig
 
-from exit_policies import (
+from multiexit.policies import (
     BudgetExit,
     ELBERTExit,
     EntropyExit,
@@ -28,24 +27,16 @@ from exit_policies import (
     normalized_entropy,
     replay,
 )
-from modeling_multiexit_albert import MultiExitAlbertForSequenceClassification
-from modeling_multiexit_bert import MultiExitBertForSequenceClassification, MultiExitRobertaForSequenceClassification
+from multiexit.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
-SIZES = {"vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2,
-         "intermediate_size": 37, "max_position_embeddings": 80, "num_labels": 3}
+NUM_LAYERS = 4
 
 
 def make_model(kind: str, pooling: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if kind == "bert":
-        model = MultiExitBertForSequenceClassification(BertConfig(**SIZES), exit_pooling=pooling)
-    elif kind == "albert":
-        model = MultiExitAlbertForSequenceClassification(
-            AlbertConfig(embedding_size=16, num_hidden_groups=2, **SIZES), exit_pooling=pooling)
-    else:
-        model = MultiExitRobertaForSequenceClassification(RobertaConfig(pad_token_id=1, **SIZES), exit_pooling=pooling)
+    model = tiny_model(kind, layers=NUM_LAYERS, num_labels=3, vocab_size=50, max_position_embeddings=80,
+                       exit_pooling=pooling)
     with torch.no_grad():  # sharpen the exits: a random head's near-uniform answers would all look alike
         for head in model.exits:
             for parameter in head.parameters():
@@ -106,7 +97,7 @@ def test_static_buffers_match_eager(kind: str, pooling: str) -> None:
             assert torch.equal(graphed.exit_layers, eager.exit_layers), (kind, pooling, length, policy)
             torch.testing.assert_close(graphed.logits, eager.logits, atol=1e-5, rtol=1e-5)
             exit_layers.setdefault(policy.label(), []).append(int(graphed.exit_layers))
-    assert_exits_spread(exit_layers, SIZES["num_hidden_layers"])
+    assert_exits_spread(exit_layers, NUM_LAYERS)
 
 
 def test_longest_bucket_is_the_model_positions() -> None:
@@ -140,7 +131,7 @@ def test_captured_graphs_match_eager_on_gpu(pooling: str, autocast: torch.dtype 
                 assert torch.equal(graphed.logits, eager.logits)
                 assert torch.isfinite(graphed.logits).all()
                 exit_layers.setdefault(policy.label(), []).append(int(graphed.exit_layers))
-    assert any(1 < layer < SIZES["num_hidden_layers"] for layers in exit_layers.values() for layer in layers)
+    assert any(1 < layer < NUM_LAYERS for layers in exit_layers.values() for layer in layers)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -185,7 +176,7 @@ def test_batch_size_one_batched_and_replay_agree_on_gpu() -> None:
         cache = model(ids).all_logits.transpose(0, 1).float().cpu()
     policies = policies_for(model, [ids])
     assert_exits_spread({p.label(): replay(p, cache).exit_layer.tolist() for p in policies},
-                        SIZES["num_hidden_layers"])
+                        NUM_LAYERS)
     for policy in policies:
         replayed = replay(policy, cache)
         batched = model.early_exit(ids, policy=policy)
@@ -200,8 +191,8 @@ def test_batch_size_one_batched_and_replay_agree_on_gpu() -> None:
 
 def test_the_verification_reference_pads_like_the_graphs() -> None:
     """--verify_online with --cuda_graphs replays an all-exits pass over inputs padded to their bucket
-    (multiexit_evaluation.bucket_padding): its decisions and answers are the graph path's, bit for bit."""
-    from multiexit_evaluation import bucket_padding
+    (multiexit.runner.evaluation.bucket_padding): its decisions and answers are the graph path's, bit for bit."""
+    from multiexit.runner.evaluation import bucket_padding
 
     model = make_model("bert", "mean")
     graphs = model.exit_graphs(buckets=(8, 16, 32), capture=False)
@@ -253,7 +244,7 @@ def test_graphs_are_kept_per_bucket_and_autocast_state_and_left_out_of_copies() 
 
 
 def test_a_capture_needs_an_attention_that_reads_nothing_on_the_host() -> None:
-    from exit_cuda_graphs import ExitGraphs
+    from multiexit.cuda_graphs import ExitGraphs
 
     model = make_model("bert", "cls")
     model.config._attn_implementation = "flash_attention_2"

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from test_policies import policy_and_logits
 
-from exit_policies import RowOps, TensorOps
+from multiexit.policies import RowOps, TensorOps
 
 _LOGIT = st.one_of(st.floats(-60.0, 60.0, width=32),
                  st.sampled_from([0.0, 1.0, -1.0, 4.0, math.inf, -math.inf, math.nan]))
@@ -99,7 +99,7 @@ def test_nan_logits_get_the_same_decisions_on_both_backends(case: tuple, data: s
     as torch.argmax does, and every measure is NaN in both, so --verify_online does not call it a bug."""
     from test_policies import online_one_by_one
 
-    from exit_policies import replay
+    from multiexit.policies import replay
 
     policy, layer_logits = case
     holes = data.draw(arrays(np.bool_, tuple(layer_logits.shape), elements=st.booleans()))

@@ -21,8 +21,8 @@ import torch
 from tiny_runs import make_tiny_model, read_details, read_records, run_main, sst2_rows, write_sst2
 
 import run_glue_with_exits
-from exit_policies import EntropyExit, entropy, make_policy, replay
-from multiexit_errors import UserInputError
+from multiexit.errors import UserInputError
+from multiexit.policies import EntropyExit, entropy, make_policy, replay
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -300,8 +300,7 @@ def test_data_dir_problems(tiny: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_no_data_dir_and_no_hub(tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import glue_data
-
+    from multiexit import data as glue_data
     def unreachable(*args: object, **kwargs: object) -> None:
         raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (OfflineModeIsEnabled)")
 
@@ -406,13 +405,12 @@ def test_no_remote_code_and_no_unsafe_torch_load() -> None:
     (["--warmup_steps", "10", "--warmup_ratio", "0.1"], "--warmup_ratio (--warmup_steps is given and wins"),
 ])
 def test_flags_that_do_nothing_are_said(flags: list[str], ignored: str, caplog: pytest.LogCaptureFixture) -> None:
-    import multiexit_args
-
-    args = multiexit_args.parse_args(["--task_name", "sst-2", "--output_dir", "x", "--do_train", *flags])
+    from multiexit.runner import args as runner_args
+    args = runner_args.parse_args(["--task_name", "sst-2", "--output_dir", "x", "--do_train", *flags])
     with caplog.at_level(logging.WARNING, logger="run_glue_with_exits"):
-        multiexit_args.warn_unused_flags(args)
+        runner_args.warn_unused_flags(args)
     assert f"ignored: {ignored}" in caplog.text
     caplog.clear()
-    multiexit_args.warn_unused_flags(multiexit_args.parse_args(["--task_name", "sst-2", "--output_dir", "x",
+    runner_args.warn_unused_flags(runner_args.parse_args(["--task_name", "sst-2", "--output_dir", "x",
                                                                 "--do_train"]))
     assert "ignored" not in caplog.text

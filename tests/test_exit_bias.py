@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_runs import make_tiny_model, run_main, write_mrpc, write_stsb
 
-from glue_data import get_task, read_examples
+from multiexit.data import get_task, read_examples
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -29,6 +29,7 @@ def train(model: Path, data: Path, output_dir: Path, *flags: object, task: str =
     return load_file(output_dir / "model.safetensors")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["shared_pooler", "pooler", "classification_head"])
 def test_exits_start_at_the_label_mean(tmp_path: Path, head: str) -> None:
     model = make_tiny_model(tmp_path / "model", layers=3, num_labels=1)
@@ -46,6 +47,7 @@ def test_exits_start_at_the_label_mean(tmp_path: Path, head: str) -> None:
     again = train(tmp_path / "zero", data, tmp_path / "again", "--overwrite_output_dir")
     assert all(again[f"exits.{depth}.{output}.bias"].item() == 0.0 for depth in range(3))
 
+@pytest.mark.slow
 
 def test_classification_exits_start_at_the_log_prior_when_asked(tmp_path: Path) -> None:
     model = make_tiny_model(tmp_path / "model", layers=2)
@@ -65,21 +67,12 @@ def test_classification_exits_start_at_the_log_prior_when_asked(tmp_path: Path) 
 
 
 def test_mean_pooled_exits_default_to_the_linear_head() -> None:
-    from transformers import BertConfig, RobertaConfig
+    from multiexit.tiny import tiny_model
 
-    from modeling_multiexit_bert import (
-        MultiExitBertForSequenceClassification,
-        MultiExitRobertaForSequenceClassification,
-    )
+    def head(model_type: str, **settings: object) -> str:
+        return tiny_model(model_type, **settings).config.exit_head_type
 
-    def head(model_class: type, config: object, **settings: object) -> str:
-        return model_class(config, **settings).config.exit_head_type
-
-    small = {"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
-             "intermediate_size": 20}
-    assert head(MultiExitBertForSequenceClassification, BertConfig(**small)) == "shared_pooler"  # PABEE's, on [CLS]
-    assert head(MultiExitBertForSequenceClassification, BertConfig(**small), exit_pooling="mean") == "linear"
-    assert head(MultiExitBertForSequenceClassification, BertConfig(**small), exit_pooling="mean",
-                exit_head_type="shared_pooler") == "shared_pooler"  # asked for explicitly
-    assert head(MultiExitRobertaForSequenceClassification, RobertaConfig(**small),
-                exit_pooling="mean") == "classification_head"
+    assert head("bert") == "shared_pooler"  # PABEE's, on [CLS]
+    assert head("bert", exit_pooling="mean") == "linear"
+    assert head("bert", exit_pooling="mean", exit_head_type="shared_pooler") == "shared_pooler"  # asked for explicitly
+    assert head("roberta", exit_pooling="mean") == "classification_head"

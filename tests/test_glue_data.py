@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, PreTrainedTokenizerBase
 
-import glue_data
-from glue_data import TASKS, Example, build_features, get_task, make_collator, read_examples
-from multiexit_errors import UserInputError
+from multiexit import data as glue_data
+from multiexit.data import TASKS, Example, build_features, get_task, make_collator, read_examples
+from multiexit.errors import UserInputError
 
 # --------------------------------------------------------------------------------------------------------------------
 # Task names
@@ -420,7 +420,7 @@ def test_ag_news_test_split(ag_news_dir: Path) -> None:
 
 
 def test_ag_news_dev_falls_back_to_test(ag_news_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="glue_data"):
+    with caplog.at_level(logging.WARNING, logger="multiexit.data"):
         dev = read_examples(get_task("ag_news"), "dev", ag_news_dir)
     assert "using test.csv as the ag_news dev set" in caplog.text
     assert [ex.text_a for ex in dev] == [ex.text_a for ex in read_examples(get_task("ag_news"), "test", ag_news_dir)]
@@ -508,7 +508,7 @@ def test_features_columns_and_truncation_warning(
         Example("b", "one two three four five six", None, 0),  # exactly max_seq_length: not truncated
         Example("c", "one two", None, None),
     ]
-    with caplog.at_level(logging.WARNING, logger="glue_data"):
+    with caplog.at_level(logging.WARNING, logger="multiexit.data"):
         features = build_features(examples, tokenizer, 8, get_task("sst2"))
     assert "1 of 3 examples were longer than max_seq_length=8 and were truncated" in caplog.text
     assert set(features.column_names) == {"input_ids", "attention_mask", "token_type_ids", "labels", "length"}
@@ -546,7 +546,7 @@ def test_features_cache_is_created_and_reused(
     assert first.cache_files[0]["filename"] == str(arrow[0])
 
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="glue_data"):
+    with caplog.at_level(logging.INFO, logger="multiexit.data"):
         again = build_features(examples, tokenizer, 12, task, cache_dir=tmp_path)
     assert "reusing cached features" in caplog.text
     longer = sum(len(tokenizer(example.text_a)["input_ids"]) > 12 for example in examples)
@@ -588,7 +588,7 @@ def test_albert_pairs_get_segment_ids_when_the_model_has_them(tmp_path: Path) ->
     (type_vocab_size 1, fed none by the seeds) gets none."""
     from transformers import AlbertConfig, RobertaConfig
 
-    from multiexit_loading import load_features
+    from multiexit.runner.loading import load_features
 
     tokenizer = _albert_tokenizer()
     assert "token_type_ids" not in tokenizer.model_input_names  # the upstream default this guards against
@@ -640,7 +640,7 @@ def test_overwrite_cache_rewrites_the_cache(tokenizer: PreTrainedTokenizerBase, 
     build_features(examples, tokenizer, 16, task, cache_dir=tmp_path)
     (arrow,) = tmp_path.glob("features-*.arrow")
     first_write = arrow.stat().st_mtime_ns
-    caplog.set_level(logging.INFO, logger="glue_data")
+    caplog.set_level(logging.INFO, logger="multiexit.data")
     caplog.clear()
     build_features(examples, tokenizer, 16, task, cache_dir=tmp_path, overwrite_cache=True)
     assert "reusing cached features" not in caplog.text
@@ -654,12 +654,12 @@ def test_overwrite_cache_rewrites_the_cache(tokenizer: PreTrainedTokenizerBase, 
 def test_overwrite_cache_is_the_main_process_job(tokenizer: PreTrainedTokenizerBase, tmp_path: Path,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     # a multi-process run with --overwrite_cache: the main process rewrites the cache first, the others read it
-    from multiexit_loading import load_features
+    from multiexit.runner.loading import load_features
 
     examples = [Example(str(i), f"sentence {i}", None, i % 2) for i in range(5)]
     task = get_task("sst2")
     args = type("Args", (), {"output_dir": str(tmp_path), "max_seq_length": 16, "overwrite_cache": True})()
-    caplog.set_level(logging.INFO, logger="glue_data")
+    caplog.set_level(logging.INFO, logger="multiexit.data")
     main = load_features(args, task, tokenizer, examples, BertConfig(), main_process=True)
     assert "reusing cached features" not in caplog.text
     (arrow,) = (tmp_path / ".feature_cache").glob("features-*.arrow")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from tiny_runs import make_tiny_model, read_records, run_main, write_sst2
 
-from glue_data import get_task
-from multiexit_loading import read_split
+from multiexit.data import get_task
+from multiexit.runner.loading import read_split
 
 
 def test_the_split_is_fixed_and_disjoint(tmp_path: Path) -> None:
@@ -51,7 +51,7 @@ def test_bad_fraction(tmp_path: Path, fraction: str) -> None:
 
 def test_eval_all_checkpoints_evaluates_each_folder_once(tmp_path: Path) -> None:
     """--model_name_or_path naming one of output_dir's checkpoints (by any path) is not evaluated twice."""
-    from run_glue_with_exits import evaluated_checkpoints
+    from multiexit.runner.main import evaluated_checkpoints
 
     for step in (2, 4):
         (tmp_path / f"checkpoint-{step}").mkdir()

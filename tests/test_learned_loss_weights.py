@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 from tiny_runs import make_tiny_model, run_main, write_sst2
 
-from modeling_multiexit_bert import MultiExitBertForSequenceClassification
-from multiexit_training import TrainingPlan, clipped_parameters, loss_weight_parameters, make_optimizer
+from multiexit.bert import MultiExitBertForSequenceClassification
+from multiexit.runner.training import TrainingPlan, clipped_parameters, loss_weight_parameters, make_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from multiexit_training import LengthGroupedSampler
+from multiexit.runner.training import LengthGroupedSampler
 
 
 def batches_of(sampler: LengthGroupedSampler, batch_size: int) -> list[list[int]]:

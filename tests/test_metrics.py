@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 
-from glue_data import TASKS, compute_metrics, get_task
+from multiexit.data import TASKS, compute_metrics, get_task
 
 
 def test_accuracy() -> None:

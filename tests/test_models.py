@@ -17,18 +17,17 @@ import pytest
 import torch
 from torch.nn import functional as F
 from transformers import (
-    AlbertConfig,
     AlbertModel,
     AutoTokenizer,
-    BertConfig,
     BertForSequenceClassification,
     BertModel,
-    RobertaConfig,
     RobertaModel,
 )
 
-from exit_policies import BudgetExit, EntropyExit, PatienceExit, PCEEExit, entropy, replay
-from modeling_multiexit import (
+import multiexit.tiny
+from multiexit.bert import MultiExitBertForSequenceClassification
+from multiexit.errors import UserInputError
+from multiexit.modeling import (
     ClassificationHeadExit,
     DirectLinearExitHead,
     EarlyExitOutput,
@@ -36,20 +35,14 @@ from modeling_multiexit import (
     MultiExitOutput,
     PoolerExitHead,
 )
-from modeling_multiexit_albert import MultiExitAlbertForSequenceClassification
-from modeling_multiexit_bert import MultiExitBertForSequenceClassification, MultiExitRobertaForSequenceClassification
-from multiexit_errors import UserInputError
+from multiexit.models import MODEL_CLASSES
+from multiexit.policies import BudgetExit, EntropyExit, PatienceExit, PCEEExit, entropy, replay
 
 NUM_LAYERS = 4
 VOCAB = 64
 SEQ_LENGTHS = (8, 5, 3, 1)  # a padded batch: every row has a different length, one is only [CLS]
 
 MODEL_KINDS = ("bert", "roberta", "albert")
-MODEL_CLASSES = {
-    "bert": MultiExitBertForSequenceClassification,
-    "roberta": MultiExitRobertaForSequenceClassification,
-    "albert": MultiExitAlbertForSequenceClassification,
-}
 STOCK_CLASSES = {"bert": BertModel, "roberta": RobertaModel, "albert": AlbertModel}
 HEAD_CLASSES = {
     "shared_pooler": LinearExitHead,
@@ -82,28 +75,12 @@ SENTENCES = (
 
 
 def tiny_config(kind: str, num_labels: int = 3, attn: str | None = None, **overrides: object):
-    """A tiny random config of ``kind``; ALBERT's sizes are all set because its defaults are xxlarge."""
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=32,
-        num_labels=num_labels,
-    )
-    if kind == "bert":
-        config = BertConfig(**{**common, **overrides})
-    elif kind == "roberta":
-        config = RobertaConfig(**{**common, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2, **overrides})
-    elif kind == "albert":
-        albert = dict(embedding_size=16, num_hidden_groups=2, inner_group_num=1)
-        config = AlbertConfig(**{**common, **albert, **overrides})
-    else:
-        raise ValueError(kind)
+    """This file's tiny config of ``kind`` (the project's factory, :func:`multiexit.tiny.tiny_config`): NUM_LAYERS
+    layers, VOCAB tokens, 32 positions."""
     if attn is not None:
-        config._attn_implementation = attn
-    return config
+        overrides["attn_implementation"] = attn
+    return multiexit.tiny.tiny_config(kind, layers=NUM_LAYERS, num_labels=num_labels, vocab_size=VOCAB,
+                                      max_position_embeddings=32, **overrides)
 
 
 def make_model(kind: str, seed: int = 0, num_labels: int = 3, attn: str | None = None, config_overrides=None, **exits):

@@ -1,5 +1,6 @@
-"""Installing: setup.cfg lists every module, no module takes a common top-level name, and a non-editable
-``pip install .`` into a fresh virtual environment gives a runner that works from another directory."""
+"""Installing: the design card's four files and the one ``multiexit`` package are all that ``pip install .`` puts at
+the top level, and a non-editable install into a fresh virtual environment gives a runner that works from another
+directory."""
 
 from __future__ import annotations
 
@@ -15,9 +16,8 @@ import pytest
 from tiny_runs import make_tiny_model, write_sst2
 
 ROOT = Path(__file__).resolve().parents[1]
-# every module of the project starts with one of these, so none can shadow (or be shadowed by) a common name such as
-# "errors" or "checkpointing" in site-packages
-PREFIXES = ("exit_", "glue_data", "modeling_multiexit", "multiexit_", "run_glue_with_exits")
+# the design card's entry points: the only modules at the top level besides the package, each its public face
+DESIGN_CARD_MODULES = {"exit_policies", "modeling_multiexit_albert", "modeling_multiexit_bert", "run_glue_with_exits"}
 
 
 def listed_modules() -> list[str]:
@@ -26,13 +26,35 @@ def listed_modules() -> list[str]:
     return config["options"]["py_modules"].split()
 
 
-def test_setup_cfg_lists_every_module() -> None:
-    assert sorted(listed_modules()) == sorted(path.stem for path in ROOT.glob("*.py"))
+def test_only_the_design_card_modules_sit_at_the_top_level() -> None:
+    assert set(listed_modules()) == DESIGN_CARD_MODULES
+    assert {path.stem for path in ROOT.glob("*.py")} == DESIGN_CARD_MODULES
 
 
-def test_module_names_are_project_specific() -> None:
-    for name in listed_modules():
-        assert name.startswith(PREFIXES), name
+def test_no_file_patches_sys_path() -> None:
+    """Scripts, tests and benchmarks import the installed package; none reaches into the repository by hand."""
+    patched = [str(path.relative_to(ROOT)) for path in ROOT.rglob("*.py")
+               if ".venv" not in path.parts and "sys.path.insert" in path.read_text(encoding="utf-8")
+               and path != Path(__file__)]
+    assert patched == []
+
+
+def test_the_faces_export_the_package_objects() -> None:
+    """Each design-card file is the package's public face: the same objects, nothing written twice."""
+    import exit_policies
+    import modeling_multiexit_albert
+    import modeling_multiexit_bert
+    import multiexit.albert
+    import multiexit.bert
+    import multiexit.policies
+    import multiexit.runner.main
+    import run_glue_with_exits
+
+    for face, module in ((exit_policies, multiexit.policies), (modeling_multiexit_bert, multiexit.bert),
+                         (modeling_multiexit_albert, multiexit.albert), (run_glue_with_exits, multiexit.runner.main)):
+        assert face.__all__ == module.__all__
+        for name in module.__all__:
+            assert getattr(face, name) is getattr(module, name), name
 
 
 @pytest.mark.slow
@@ -54,7 +76,9 @@ def test_fresh_non_editable_install_runs_from_another_directory(tmp_path: Path) 
                               str(source)], capture_output=True, text=True, timeout=600)
     assert install.returncode == 0, install.stderr[-3000:]
     installed = {path.stem for path in Path(fresh_site).glob("*.py")}
-    assert installed == set(listed_modules())
+    assert installed == DESIGN_CARD_MODULES
+    packages = {path.name for path in Path(fresh_site).iterdir() if (path / "__init__.py").exists()}
+    assert packages == {"multiexit"}
 
     # a tiny model and data set, and a run of the installed console script from an unrelated directory
     model = make_tiny_model(tmp_path / "model", layers=2, multi_exit=True)

@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from exit_policies import (
+from multiexit.errors import UserInputError
+from multiexit.policies import (
     POLICIES,
     BudgetExit,
     ELBERTExit,
@@ -31,7 +32,6 @@ from exit_policies import (
     parse_list,
     replay,
 )
-from multiexit_errors import UserInputError
 
 # --------------------------------------------------------------------------------------------------------------------
 # helpers
@@ -539,9 +539,9 @@ def test_validate_against_model_and_task() -> None:
 def test_patience_longer_than_the_model_warns_and_runs_full_depth(caplog) -> None:
     """PABEE's own sweep (--patience 3,4,5,6,7,8) must keep working on a 6-layer model: too long = full depth (the
     warning comes once per setting and depth, not at every early_exit call)."""
-    import exit_policies
+    import multiexit.policies
 
-    exit_policies._WARNED_NEVER_EARLY.clear()
+    multiexit.policies._WARNED_NEVER_EARLY.clear()
     logits = torch.zeros(2, 6, 3)
     logits[..., 0] = 5.0  # every layer agrees and is confident
     for policy in (PatienceExit(patience=6), PCEEExit(patience=7, tau=0.5)):

@@ -15,9 +15,9 @@ import pytest
 import torch
 from tiny_runs import make_tiny_model, read_records, run_main, write_sst2
 
-import multiexit_args
-from exit_policies import POLICIES, ExitPolicy, Knob, Ops, PolicyFlag, State
-from exit_replay import calibrate, curves_from_scores, plot_score_vs_speedup, sweep
+from multiexit.policies import POLICIES, ExitPolicy, Knob, Ops, PolicyFlag, State
+from multiexit.replay import calibrate, curves_from_scores, plot_score_vs_speedup, sweep
+from multiexit.runner import args as runner_args
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -72,8 +72,8 @@ def test_toy_policy_through_replay_calibration_and_plot(toy_policy: type[ExitPol
 
 
 def test_toy_policy_through_the_runner(toy_policy: type[ExitPolicy], tmp_path: Path) -> None:
-    args = multiexit_args.parse_args(["--task_name", "sst-2", "--output_dir", "x", "--toy_threshold", "0.5,0.9"])
-    assert [p.label() for p in multiexit_args.policies_from_args(args)] == [
+    args = runner_args.parse_args(["--task_name", "sst-2", "--output_dir", "x", "--toy_threshold", "0.5,0.9"])
+    assert [p.label() for p in runner_args.policies_from_args(args)] == [
         "toy_class_zero(threshold=0.5)", "toy_class_zero(threshold=0.9)"]
     model = make_tiny_model(tmp_path / "model", layers=3, multi_exit=True)
     data = write_sst2(tmp_path / "SST-2", train=8, dev=16)
@@ -92,11 +92,11 @@ def test_toy_policy_through_the_runner(toy_policy: type[ExitPolicy], tmp_path: P
 
 
 def test_bad_toy_value_names_its_flag(toy_policy: type[ExitPolicy]) -> None:
-    from multiexit_errors import UserInputError
+    from multiexit.errors import UserInputError
 
-    args = multiexit_args.parse_args(["--task_name", "sst-2", "--output_dir", "x", "--toy_threshold", "0.5,abc"])
+    args = runner_args.parse_args(["--task_name", "sst-2", "--output_dir", "x", "--toy_threshold", "0.5,abc"])
     with pytest.raises(UserInputError, match="--toy_threshold"):
-        multiexit_args.policies_from_args(args)
+        runner_args.policies_from_args(args)
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from exit_policies import (
+from multiexit.errors import UserInputError
+from multiexit.policies import (
     POLICIES,
     BudgetExit,
     ELBERTExit,
@@ -18,7 +19,7 @@ from exit_policies import (
     PCEEExit,
     replay,
 )
-from exit_replay import (
+from multiexit.replay import (
     calibrate,
     calibrate_held_out,
     choose_setting,
@@ -31,7 +32,6 @@ from exit_replay import (
     score_policy,
     sweep,
 )
-from multiexit_errors import UserInputError
 
 NUM_LAYERS, NUM_LABELS = 6, 3
 

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 from tiny_runs import make_tiny_model, read_details, read_records, run_main, sst2_rows, write_sst2
 
-import multiexit_evaluation
+from multiexit.runner import evaluation
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def test_no_record_loses_its_per_example_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # both runs start "in the same second", so their run folders must still differ
-    monkeypatch.setattr(multiexit_evaluation.time, "strftime", lambda *args: "20260101-000000")
+    monkeypatch.setattr(evaluation.time, "strftime", lambda *args: "20260101-000000")
     model = make_tiny_model(tmp_path / "model", layers=3, multi_exit=True)
     data = write_sst2(tmp_path / "SST-2", train=8, dev=16)
     output_dir = tmp_path / "out"

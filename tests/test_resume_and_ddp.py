@@ -33,9 +33,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_runs import comparable, make_tiny_model, read_details, read_records, run_main, write_sst2
 
-import multiexit_args
-import multiexit_training
-from multiexit_io import (
+from multiexit.io import (
     append_jsonl,
     atomic_directory,
     atomic_save_npy,
@@ -43,6 +41,8 @@ from multiexit_io import (
     read_jsonl,
     staged_files,
 )
+from multiexit.runner import args as runner_args
+from multiexit.runner import training as runner_training
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -187,7 +187,7 @@ def test_atomic_files_are_readable_like_any_other(tmp_path: Path) -> None:
 
     import numpy as np
 
-    from multiexit_io import atomic_copy, atomic_write_text
+    from multiexit.io import atomic_copy, atomic_write_text
 
     mask = os.umask(0o022)
     try:
@@ -225,7 +225,7 @@ def test_arrays_are_written_whole_or_not_at_all(tmp_path: Path, monkeypatch: pyt
 
 
 def test_resuming_with_other_settings_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    args = multiexit_args.parse_args(["--task_name", "sst-2", "--output_dir", str(tmp_path), "--do_train"])
+    args = runner_args.parse_args(["--task_name", "sst-2", "--output_dir", str(tmp_path), "--do_train"])
     (tmp_path / "training_args.json").write_text(json.dumps(vars(args)))
     (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 3, "num_processes": 2}))
     args.per_gpu_train_batch_size, args.seed = 16, 1
@@ -234,7 +234,7 @@ def test_resuming_with_other_settings_warns(tmp_path: Path, caplog: pytest.LogCa
         num_processes = 1
 
     caplog.set_level(logging.WARNING)
-    multiexit_training.warn_if_resume_differs(args, OneProcess(), str(tmp_path))
+    runner_training.warn_if_resume_differs(args, OneProcess(), str(tmp_path))
     assert "--seed 42 -> 1; --per_gpu_train_batch_size 8 -> 16; processes 2 -> 1" in caplog.text
 
 SCENARIOS = {
@@ -264,7 +264,7 @@ def _train_args(model: Path, data: Path, output_dir: Path, flags: list[object]) 
 def _killed_run(argv: list[object], after_checkpoint: int, forwards_later: int) -> tuple[int, str]:
     """Run until ``forwards_later`` training forward passes after checkpoint-``after_checkpoint`` was saved, then
     raise KeyboardInterrupt (Ctrl-C, or the SIGINT a scheduler sends) in the middle of that step."""
-    original_save, original_inputs = multiexit_training.save_checkpoint, multiexit_training.model_inputs
+    original_save, original_inputs = runner_training.save_checkpoint, runner_training.model_inputs
     seen = {"saved": False, "forwards": 0}
 
     def save_checkpoint(folder: str, *args: object, **kwargs: object) -> None:
@@ -279,8 +279,8 @@ def _killed_run(argv: list[object], after_checkpoint: int, forwards_later: int) 
         return original_inputs(batch)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(multiexit_training, "save_checkpoint", save_checkpoint)
-        patch.setattr(multiexit_training, "model_inputs", model_inputs)
+        patch.setattr(runner_training, "save_checkpoint", save_checkpoint)
+        patch.setattr(runner_training, "model_inputs", model_inputs)
         return run_main(argv)
 
 
@@ -307,6 +307,7 @@ def resumed(request: pytest.FixtureRequest, tiny_dropout: tuple[Path, Path],
     return {"straight": straight, "interrupted": interrupted, "after_kill": after_kill, "kill_after": kill_after,
             "scenario": request.param}
 
+@pytest.mark.slow
 
 def test_interrupted_run_leaves_only_complete_checkpoints(resumed: dict) -> None:
     files, checkpoints = resumed["after_kill"]["files"], resumed["after_kill"]["checkpoints"]
@@ -320,6 +321,7 @@ def test_interrupted_run_leaves_only_complete_checkpoints(resumed: dict) -> None
         torch.load(os.path.join(checkpoint, "training_state.pt"), weights_only=True)  # no pickle needed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("saving", ["checkpoint-6", "final model"])
 def test_ctrl_c_while_saving_leaves_nothing_half_written(saving: str, tiny_dropout: tuple[Path, Path],
                                                          tmp_path: Path) -> None:
@@ -350,11 +352,12 @@ def test_ctrl_c_while_saving_leaves_nothing_half_written(saving: str, tiny_dropo
     assert [os.path.basename(c) for c in list_checkpoints(str(tmp_path))] == expected
     assert sorted(name for name in files if name.startswith("checkpoint-")) == expected
     for checkpoint in expected:
-        assert multiexit_training._is_resumable(str(tmp_path / checkpoint)), checkpoint
+        assert runner_training._is_resumable(str(tmp_path / checkpoint)), checkpoint
     status, stderr = run_main(_train_args(model, data, tmp_path, [*flags, "--resume_from_checkpoint", "latest"]))
     assert status == 0, stderr
     assert (tmp_path / "model.safetensors").is_file() and len(read_records(tmp_path)) == 4
 
+@pytest.mark.slow
 
 def test_resumed_run_reaches_the_same_weights(resumed: dict) -> None:
     straight = load_file(resumed["straight"] / "model.safetensors")
@@ -369,6 +372,7 @@ def test_resumed_run_reaches_the_same_weights(resumed: dict) -> None:
             load_file(str(resumed["interrupted"] / name / "model.safetensors"))
         assert all(torch.equal(a[key], b[key]) for key in a), name
 
+@pytest.mark.slow
 
 def test_resumed_run_gives_the_same_results(resumed: dict) -> None:
     straight, again = read_records(resumed["straight"]), read_records(resumed["interrupted"])
@@ -381,6 +385,7 @@ def test_resumed_run_gives_the_same_results(resumed: dict) -> None:
     assert steps == {record["step"] for record in read_jsonl(str(resumed["straight"] / "training_log.jsonl"))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resumed", [next(iter(SCENARIOS))], indirect=True)  # reuses that scenario's runs
 def test_same_seed_and_command_give_identical_results(resumed: dict, tiny_dropout: tuple[Path, Path],
                                                       tmp_path: Path) -> None:
@@ -481,7 +486,6 @@ def test_the_command_line_leaves_the_process_group(tmp_path: Path, capsys: pytes
     to finalisation, gloo's threads can abort a run that did all its work (SIGABRT, "terminate called without an
     active exception"; seen once in about a dozen runs of the two-process tests before)."""
     import run_glue_with_exits
-
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         # a mistake in the input (no --do_train / --do_eval, found before accelerate sets up, so no shared state of
@@ -494,6 +498,7 @@ def test_the_command_line_leaves_the_process_group(tmp_path: Path, capsys: pytes
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
+@pytest.mark.slow
 
 def test_save_total_limit_keeps_the_newest_checkpoints(tiny_dropout: tuple[Path, Path], tmp_path: Path) -> None:
     model, data = tiny_dropout
@@ -514,10 +519,10 @@ def test_a_process_with_an_empty_shard_joins_the_online_gather(monkeypatch: pyte
     import accelerate.utils
     from transformers import AutoTokenizer
 
-    from exit_policies import PatienceExit
-    from glue_data import Example, build_features, get_task, make_collator
-    from modeling_multiexit_bert import MultiExitBertForSequenceClassification
-    from multiexit_evaluation import run_online
+    from multiexit.bert import MultiExitBertForSequenceClassification
+    from multiexit.data import Example, build_features, get_task, make_collator
+    from multiexit.policies import PatienceExit
+    from multiexit.runner.evaluation import run_online
 
     folder = make_tiny_model(tmp_path / "model", layers=2, multi_exit=True)
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -21,12 +21,14 @@ import torch
 from tiny_runs import threshold_between
 
 import exit_policies
-import multiexit_args
-import multiexit_evaluation
 import run_glue_with_exits
-from glue_data import compute_metrics, get_task
+from multiexit.data import compute_metrics, get_task
+from multiexit.runner import args as runner_args
+from multiexit.runner import evaluation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.slow  # trains a model through the runner: make test-fast leaves the file out
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +149,7 @@ def test_online_equals_replay_when_examples_exit_at_different_depths(trained_run
 def test_verify_online_raises_when_online_differs_from_replay(trained_run, mrpc_dir, tmp_path, monkeypatch):  # noqa: ANN001
     """Plant a one-example bug in the online path (its first example reports the other exit layer): --verify_online
     must stop the run rather than write a record that disagrees with the replay."""
-    real_run_online = multiexit_evaluation.run_online
+    real_run_online = evaluation.run_online
 
     def run_online_with_a_bug(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         result = real_run_online(*args, **kwargs)
@@ -155,7 +157,7 @@ def test_verify_online_raises_when_online_differs_from_replay(trained_run, mrpc_
         result["exit_layers"][0] = 3 - result["exit_layers"][0]  # 1 <-> 2
         return result
 
-    monkeypatch.setattr(multiexit_evaluation, "run_online", run_online_with_a_bug)
+    monkeypatch.setattr(evaluation, "run_online", run_online_with_a_bug)
     entropy, maxprob = _mid_depth_thresholds(trained_run)
     output_dir = str(tmp_path / "planted")
     with pytest.raises(RuntimeError, match=r"online early exit differs from the replay .* on 1 examples"):
@@ -212,11 +214,11 @@ def test_seed_command_lines_parse():
                "--output_dir out --plot_data_dir plots --eval_highway --eval_each_highway --early_exit_entropy 0.1 "
                "--per_gpu_eval_batch_size 1 --train_highway --overwrite_output_dir --fp16_opt_level O1")
     for line in (train, infer, deebert):
-        args = multiexit_args.parse_args(shlex.split(line))
-        policies = multiexit_args.policies_from_args(args)
+        args = runner_args.parse_args(shlex.split(line))
+        policies = runner_args.policies_from_args(args)
         assert all(p.name in {"pabee", "deebert"} for p in policies)
-    infer_args = multiexit_args.parse_args(shlex.split(infer))
-    policies = multiexit_args.policies_from_args(infer_args)
+    infer_args = runner_args.parse_args(shlex.split(infer))
+    policies = runner_args.policies_from_args(infer_args)
     assert [p.patience for p in policies] == [3, 4, 5, 6, 7, 8]
     assert {p.regression_threshold for p in policies} == {0.1}
 

@@ -5,7 +5,7 @@ with the same torch operations as the published loop (its docstrings cite file, 
 the restatement departs from the literal code). This module compares our policies with it in three ways:
 
 * hand-built cases, where the expected exit layer and answer are worked out in comments and asserted for the
-  restatement *and* for ours (offline :func:`exit_policies.replay` and the online batch-size-1 ``ExitTracker``);
+  restatement *and* for ours (offline :func:`multiexit.policies.replay` and the online batch-size-1 ``ExitTracker``);
 * thousands of random float32 logits per rule (seeded; small and large logits, repeated rows, integer rows with
   exact ties, slowly drifting rows so that streaks happen), with 0 disagreements allowed in exit layer or answer
   between replay, the batch-size-1 tracker and the restatement;
@@ -36,7 +36,8 @@ import seed_reference as ref
 import torch
 from torch.nn import functional as F
 
-from exit_policies import ELBERTExit, EntropyExit, ExitTracker, PatienceExit, PCEEExit, replay
+from multiexit.policies import ELBERTExit, EntropyExit, ExitTracker, PatienceExit, PCEEExit, replay
+from multiexit.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -781,27 +782,14 @@ def test_elbert_multiclass_spec_equals_the_code_for_two_classes():
 
 
 def tiny_stock_bert(tmp_path, seed: int = 0):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-        max_position_embeddings=32, num_labels=2,
-    )
-    stock = BertForSequenceClassification(config).eval()
+    stock = tiny_model("bert", multi_exit=False, seed=seed, max_position_embeddings=32).eval()
     stock.save_pretrained(tmp_path)
     return stock
 
 
 def tiny_stock_albert(tmp_path, seed: int = 0):
-    from transformers import AlbertConfig, AlbertForSequenceClassification
-
-    torch.manual_seed(seed)
-    config = AlbertConfig(
-        vocab_size=100, embedding_size=16, hidden_size=32, num_hidden_layers=3, num_hidden_groups=1,
-        num_attention_heads=2, intermediate_size=37, max_position_embeddings=32, num_labels=2,
-    )
-    stock = AlbertForSequenceClassification(config).eval()
+    stock = tiny_model("albert", multi_exit=False, seed=seed, layers=3, num_hidden_groups=1,
+                       max_position_embeddings=32).eval()
     stock.save_pretrained(tmp_path)
     return stock
 
@@ -823,8 +811,8 @@ def test_deebert_off_ramp_poolers_start_as_the_pretrained_pooler(kind, tmp_path)
     (or ALBERT, whose pooler is ``albert.pooler``) checkpoint with ``pooler`` exits must do the same: every exit
     pooler equals the pretrained pooler, as a copy (the ramps' poolers train on their own in stage 2 while the
     backbone's stays frozen)."""
-    from modeling_multiexit_albert import MultiExitAlbertForSequenceClassification
-    from modeling_multiexit_bert import MultiExitBertForSequenceClassification
+    from multiexit.albert import MultiExitAlbertForSequenceClassification
+    from multiexit.bert import MultiExitBertForSequenceClassification
 
     if kind == "bert":
         stock = tiny_stock_bert(tmp_path)
@@ -847,7 +835,7 @@ def test_trained_off_ramp_poolers_survive_a_reload(tmp_path):
     """DeeBERT only copies the pooler into the ramps once, on the pretrained model (run_highway_glue.py calls
     init_highway_pooler after the first from_pretrained, not when it reloads a trained checkpoint for
     evaluation). Our checkpoints that already hold exit poolers must load them unchanged."""
-    from modeling_multiexit_bert import MultiExitBertForSequenceClassification
+    from multiexit.bert import MultiExitBertForSequenceClassification
 
     tiny_stock_bert(tmp_path / "stock")
     model = MultiExitBertForSequenceClassification.from_pretrained(tmp_path / "stock", exit_head_type="pooler")
@@ -870,7 +858,6 @@ def test_elbert_single_shared_exit_on_the_pretrained_pooler(kind, tmp_path):
     exit module, and each layer's logits are that head applied to the pretrained pooler's output of that layer."""
     import modeling_multiexit_albert
     import modeling_multiexit_bert
-
     if kind == "bert":
         model_class = modeling_multiexit_bert.MultiExitBertForSequenceClassification
         tiny_stock_bert(tmp_path)

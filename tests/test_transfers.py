@@ -16,12 +16,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import BertConfig
 from transformers.masking_utils import create_bidirectional_mask
 
 import exit_policies
-from exit_policies import POLICIES, BudgetExit, ELBERTExit, EntropyExit, ExitTracker, PatienceExit, PCEEExit
-from modeling_multiexit_bert import MultiExitBertForSequenceClassification
+from multiexit.policies import POLICIES, BudgetExit, ELBERTExit, EntropyExit, ExitTracker, PatienceExit, PCEEExit
+from multiexit.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -81,10 +80,7 @@ class ExitAtEveryLayerRead(exit_policies.ExitPolicy):
 @pytest.mark.parametrize("policy_type", [ExitAtEveryLayerRead, BudgetExit])
 def test_one_transfer_per_layer_and_no_other_sync(host_reads: dict[str, int], pooling: str, exit_at: int,
                                                   policy_type: type) -> None:
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=6, num_attention_heads=2,
-                        intermediate_size=37, num_labels=2)
-    model = MultiExitBertForSequenceClassification(config, exit_pooling=pooling).eval()
+    model = tiny_model("bert", layers=6, num_labels=2, vocab_size=50, exit_pooling=pooling).eval()
     ids = torch.randint(1, 50, (1, 9))
     with OperationLog() as log:
         output = model.early_exit(ids, torch.ones_like(ids), policy=policy_type(layer=exit_at))
@@ -103,10 +99,7 @@ def test_one_transfer_per_layer_and_no_other_sync(host_reads: dict[str, int], po
 def test_a_budget_computes_only_its_own_exit(monkeypatch: pytest.MonkeyPatch, batch_size: int, exit_at: int) -> None:
     """A budget exit runs the layers below its own as a model cut there would: no exit head, no read; its answer is
     the all-exits forward's logits at that layer."""
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=6, num_attention_heads=2,
-                        intermediate_size=37, num_labels=3)
-    model = MultiExitBertForSequenceClassification(config, exit_pooling="mean").eval()
+    model = tiny_model("bert", layers=6, num_labels=3, vocab_size=50, exit_pooling="mean").eval()
     ids = torch.randint(1, 50, (batch_size, 9))
     mask = torch.ones_like(ids)
     mask[0, 6:] = 0
@@ -146,10 +139,7 @@ def test_every_policy_is_covered() -> None:
 def test_an_unpadded_cpu_mask_is_dropped_with_the_same_bits() -> None:
     """A CPU attention mask without padding is dropped (the layers run unmasked, as in the stock model) and every
     exit's logits are bit-identical to the masked pass; a padded mask is kept."""
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                        intermediate_size=37, num_labels=2)
-    model = MultiExitBertForSequenceClassification(config, exit_pooling="mean").eval()
+    model = tiny_model("bert", layers=3, num_labels=2, vocab_size=50, exit_pooling="mean").eval()
     ids = torch.randint(1, 50, (2, 9))
     ones, padded = torch.ones_like(ids), torch.ones_like(ids)
     padded[1, 6:] = 0

@@ -29,19 +29,12 @@ def tokenizer():  # noqa: ANN201 - a HF tokenizer
 def make_tiny_model(folder: Path, *, dropout: float = 0.1, layers: int = 2, num_labels: int = 2,
                     initializer_range: float = 0.02, multi_exit: bool = False, seed: int = 0) -> Path:
     """Save a tiny random BERT (plain ``BertForSequenceClassification`` or multi-exit) with the MiniLM tokenizer."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from modeling_multiexit_bert import MultiExitBertForSequenceClassification
+    from multiexit.tiny import tiny_model
 
     tok = tokenizer()
-    config = BertConfig(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=37,
-        max_position_embeddings=64, num_labels=num_labels, hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout, initializer_range=initializer_range,
-    )
-    torch.manual_seed(seed)
-    model_class = MultiExitBertForSequenceClassification if multi_exit else BertForSequenceClassification
-    model = model_class(config)
+    model = tiny_model("bert", layers=layers, num_labels=num_labels, seed=seed, multi_exit=multi_exit,
+                       vocab_size=len(tok), hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+                       initializer_range=initializer_range)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
@@ -52,21 +45,14 @@ def make_tiny_stock_model(folder: Path, model_type: str, *, layers: int = 2, pos
     """A tiny random stock ``AlbertForSequenceClassification`` / ``RobertaForSequenceClassification`` (with a pooler,
     as the hub checkpoints the seeds start from) with the MiniLM tokenizer, standing in for albert-base-v2 and
     roberta-base, which this offline machine cannot download. ``positions`` covers the seeds' 128 tokens."""
-    from transformers import (
-        AlbertConfig,
-        AlbertForSequenceClassification,
-        RobertaConfig,
-        RobertaForSequenceClassification,
-    )
+    from multiexit.tiny import tiny_model
 
     tok = tokenizer()
-    sizes = {"vocab_size": len(tok), "hidden_size": 32, "num_hidden_layers": layers, "num_attention_heads": 2,
-             "intermediate_size": 37, "max_position_embeddings": positions, "num_labels": 2}
-    torch.manual_seed(seed)
-    if model_type == "albert":
-        model = AlbertForSequenceClassification(AlbertConfig(embedding_size=16, **sizes))
-    else:  # RoBERTa counts positions from pad_token_id + 1: the MiniLM tokenizer pads with id 0
-        model = RobertaForSequenceClassification(RobertaConfig(pad_token_id=tok.pad_token_id, **sizes))
+    # ALBERT: one layer group, as albert-base-v2; RoBERTa counts positions from pad_token_id + 1: the MiniLM tokenizer
+    # pads with id 0
+    extra = {"num_hidden_groups": 1} if model_type == "albert" else {"pad_token_id": tok.pad_token_id}
+    model = tiny_model(model_type, layers=layers, seed=seed, multi_exit=False, vocab_size=len(tok),
+                       max_position_embeddings=positions, **extra)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
@@ -115,10 +101,24 @@ def write_sst2(folder: Path, train: int = 18, dev: int = 11, seed: int = 0) -> P
     return folder
 
 
+def load_script(path: Path):  # noqa: ANN201 - the module
+    """A script of scripts/ or benchmarks/ (folders that are not packages) as a module, registered under its file name
+    so that the scripts beside it can import it as they do when run from their folder."""
+    import importlib.util
+    import sys
+
+    if path.stem in sys.modules:
+        return sys.modules[path.stem]
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses look their module up while it is being built
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_main(argv: list[str]) -> tuple[int, str]:
     """Run the runner in-process; returns (exit status, captured stderr)."""
     import run_glue_with_exits
-
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         status = run_glue_with_exits.cli([str(a) for a in argv])

@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,8 +23,7 @@ from sklearn.metrics import matthews_corrcoef
 from torch import nn
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
-from glue_data import get_task, read_examples  # noqa: E402
+from multiexit.data import get_task, read_examples
 
 p = argparse.ArgumentParser()
 p.add_argument("--task", default="STS-B")

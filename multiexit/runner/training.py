@@ -22,9 +22,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from glue_data import TaskSpec, make_collator
-from multiexit_errors import UserInputError
-from multiexit_io import (
+from multiexit.data import TaskSpec, make_collator
+from multiexit.errors import UserInputError
+from multiexit.io import (
     append_jsonl,
     atomic_directory,
     atomic_write_text,
@@ -34,7 +34,7 @@ from multiexit_io import (
     set_rng_state,
     staged_files,
 )
-from multiexit_loading import model_inputs, training_set
+from multiexit.runner.loading import model_inputs, training_set
 
 logger = logging.getLogger("run_glue_with_exits")
 

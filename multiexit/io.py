@@ -25,7 +25,7 @@ from typing import IO
 import numpy as np
 import torch
 
-from multiexit_errors import UserInputError
+from multiexit.errors import UserInputError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE_NAME = "training_state.pt"

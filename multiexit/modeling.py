@@ -43,8 +43,8 @@ from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import ModelOutput
 
-from exit_policies import ExitPolicy, ExitTracker
-from multiexit_errors import UserInputError
+from multiexit.errors import UserInputError
+from multiexit.policies import ExitPolicy, ExitTracker
 
 EXIT_HEAD_TYPES = ("shared_pooler", "linear", "pooler", "classification_head", "shared_exit")
 POOLED_HEAD_TYPES = ("shared_pooler", "shared_exit")  # heads that read the model's own pretrained pooler
@@ -613,8 +613,8 @@ class MultiExitMixin:
         return state
 
     def exit_graphs(self, buckets: tuple[int, ...] | None = None, capture: bool | None = None):  # noqa: ANN201
-        """The model's :class:`exit_cuda_graphs.ExitGraphs` (made on first use, for the device the model is on)."""
-        from exit_cuda_graphs import DEFAULT_BUCKETS, ExitGraphs
+        """The model's :class:`multiexit.cuda_graphs.ExitGraphs` (made on first use, for the device the model is on)."""
+        from multiexit.cuda_graphs import DEFAULT_BUCKETS, ExitGraphs
 
         # a captured graph replays the memory it was captured on: a new graph set when the weights moved (.to(),
         # .half(), a round trip through the CPU), dropout switched, or the exits read differently
@@ -640,7 +640,7 @@ class MultiExitMixin:
 
         At batch size 1 this is the seeds' inference mode; for larger batches exited rows leave the batch, so each
         row gets exactly the exit layer and answer it would get alone. ``cuda_graphs`` (batch size 1 on a GPU) replays
-        each layer and its exit from a CUDA graph captured per sequence-length bucket (:mod:`exit_cuda_graphs`)."""
+        each layer and its exit from a CUDA graph captured per sequence-length bucket (:mod:`multiexit.cuda_graphs`)."""
         if torch.is_grad_enabled():
             # early exit never trains. An eval loop calls it in no_grad or inference mode already; there it skips the
             # context manager, which a decorator would enter per input (~15 µs right after a pass of layers)

@@ -5,7 +5,7 @@ costs: eager PyTorch is launch-bound there. A CUDA graph replays a captured sequ
 exit cannot be one graph (whether layer i+1 runs depends on layer i's exit logits), so :class:`ExitGraphs` captures,
 per sequence-length bucket, one graph for the embeddings and masks and one per layer (the layer and its exit head:
 :meth:`MultiExitMixin._layer_step`, the same code the eager loop runs). Between two layers the host reads the exit
-logits (the one device-to-host transfer per layer) and :class:`exit_policies.ExitTracker` decides, exactly as in
+logits (the one device-to-host transfer per layer) and :class:`multiexit.policies.ExitTracker` decides, exactly as in
 eager early exit.
 
 An input of length T runs in the smallest bucket B >= T, padded with padding tokens that the attention mask hides
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from exit_policies import ExitTracker
+from multiexit.policies import ExitTracker
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512)
 

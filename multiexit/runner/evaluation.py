@@ -21,8 +21,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from exit_policies import POLICIES, BudgetExit, ExitPolicy, parse_list
-from exit_replay import (
+from multiexit.data import TaskSpec, compute_metrics, make_collator, submission_file_name, submission_text
+from multiexit.io import append_jsonl, atomic_copy, atomic_save_npy, atomic_write_text
+from multiexit.policies import POLICIES, BudgetExit, ExitPolicy, parse_list
+from multiexit.replay import (
     PolicyScore,
     calibrate_held_out,
     compare_with_online,
@@ -35,9 +37,7 @@ from exit_replay import (
     score_policy,
     sweep,
 )
-from glue_data import TaskSpec, compute_metrics, make_collator, submission_file_name, submission_text
-from multiexit_io import append_jsonl, atomic_copy, atomic_save_npy, atomic_write_text
-from multiexit_loading import model_inputs
+from multiexit.runner.loading import model_inputs
 
 logger = logging.getLogger("run_glue_with_exits")
 
@@ -380,7 +380,7 @@ def bucket_padding(collator: Callable, graphs: object) -> Callable:
 def calibration_records(args, task: TaskSpec, layer_logits: torch.Tensor, labels: np.ndarray,  # noqa: ANN001
                         metric_fn: MetricFn, requested: list[ExitPolicy], writer: ResultWriter) -> list[dict]:
     """For every policy, the setting chosen on the first half of the eval set for each target, reported on the
-    second half (:func:`exit_replay.calibrate_held_out`). The templates are the requested settings of the policy,
+    second half (:func:`multiexit.replay.calibrate_held_out`). The templates are the requested settings of the policy,
     or the ones it declares."""
     num_layers, num_labels = layer_logits.shape[1], layer_logits.shape[2]
     targets = [("target_speedup", v) for v in parse_list("--calibrate_speedup", args.calibrate_speedup, float)]

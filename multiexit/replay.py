@@ -2,7 +2,7 @@
 
 At batch size 1 an exit decision depends only on the per-layer logits, so one batched all-exits pass that caches
 ``[N, L, C]`` logits is enough to score any number of settings in seconds (:func:`sweep`). The replay uses the
-same :class:`exit_policies.ExitTracker` as real early exit, and :func:`compare_with_online` checks the two agree
+same :class:`multiexit.policies.ExitTracker` as real early exit, and :func:`compare_with_online` checks the two agree
 example by example.
 
 Speed is reported two ways and always labelled: ``speedup`` = L / mean exit layer (what PABEE's README calls
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from exit_policies import POLICIES, BudgetExit, ExitPolicy, replay
-from multiexit_errors import UserInputError
+from multiexit.errors import UserInputError
+from multiexit.policies import POLICIES, BudgetExit, ExitPolicy, replay
 
 MetricFn = Callable[[np.ndarray, np.ndarray], dict[str, float]]
 

@@ -1,0 +1,19 @@
+"""Early-exit inference for BERT, RoBERTa and ALBERT: PABEE, DeeBERT, PCEE-BERT and ELBERT in one code base.
+
+Where things are (each module has one job):
+
+* :mod:`multiexit.policies` — the exit policies, the two backends their rules run on, and ``ExitTracker``, the one
+  place where exit decisions are applied (online, batched and in replay);
+* :mod:`multiexit.modeling` — the one layer loop (training, all-exits evaluation, real early exit), exit heads,
+  losses and training stages; :mod:`multiexit.bert` and :mod:`multiexit.albert` — the model classes;
+* :mod:`multiexit.replay` — offline replay, sweeps, per-layer scores, calibration, the score-vs-speed-up plot;
+* :mod:`multiexit.cuda_graphs` — batch-size-1 early exit replayed from CUDA graphs;
+* :mod:`multiexit.data` — GLUE / AG News / BBC News readers, official metrics, cached tokenisation;
+* :mod:`multiexit.io` — atomic checkpoints, locked JSONL appends, exact resume state;
+  :mod:`multiexit.errors` — the one user-error type;
+* :mod:`multiexit.tiny` — tiny random configs and models for tests, benchmarks and examples;
+* :mod:`multiexit.runner` — the command-line runner (``run_glue_with_exits.py``).
+
+The design card's top-level files (``run_glue_with_exits.py``, ``modeling_multiexit_bert.py``,
+``modeling_multiexit_albert.py``, ``exit_policies.py``) are this package's public faces: each names what it exports.
+"""
