@@ -15,7 +15,7 @@ import pytest
 import torch
 from tiny_runs import make_tiny_model, read_records, run_main, write_sst2
 
-from multiexit.policies import POLICIES, ExitPolicy, Knob, Ops, PolicyFlag, State
+from multiexit.policies import POLICIES, ExitPolicy, Knob, Ops, PolicyFlag, State, replay
 from multiexit.replay import calibrate, curves_from_scores, plot_score_vs_speedup, sweep
 from multiexit.runner import args as runner_args
 
@@ -116,3 +116,46 @@ def test_every_policy_declares_what_the_rest_needs(name: str) -> None:
             assert knob is not None and hasattr(policy, knob.field) and knob.faster_when in ("higher", "lower")
             assert knob.low < knob.high or knob.integer and knob.low <= knob.high
             assert math.isfinite(knob.high)
+
+
+@pytest.fixture
+def documented_policy() -> Iterator[type[ExitPolicy]]:
+    """The skeleton of docs/policies.md ("Adding a policy"), executed as written."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "policies.md").read_text(encoding="utf-8")
+    code = text.split("## Adding a policy", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    import sys
+    import types
+
+    module = sys.modules["documented_policy"] = types.ModuleType("documented_policy")  # dataclasses look it up
+    exec(compile(code, "docs/policies.md", "exec"), module.__dict__)  # noqa: S102 - the documentation's own example
+    yield module.ConfidentRunExit
+    del POLICIES["confident_run"], sys.modules["documented_policy"]
+
+
+def test_the_documented_skeleton_works_everywhere(documented_policy: type[ExitPolicy], tmp_path: Path) -> None:
+    from multiexit.tiny import tiny_model
+
+    assert POLICIES["confident_run"] is documented_policy
+    model = tiny_model("bert", layers=4, num_labels=3).eval()
+    with torch.no_grad():  # sharper exits than a random head's near-uniform ones, so that some rows leave early
+        for head in model.exits:
+            head.classifier.weight.mul_(30)
+    ids = torch.randint(5, 100, (6, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        layer_logits = model(ids, mask).all_logits.transpose(0, 1)
+    seen = set()
+    for threshold in (0.4, 0.5, 0.9):
+        policy = documented_policy(threshold=threshold)
+        expected = replay(policy, layer_logits)
+        seen.update(expected.exit_layer.tolist())
+        batched = model.early_exit(ids, mask, policy=policy)
+        assert torch.equal(batched.exit_layers, expected.exit_layer)
+        for row in range(len(ids)):  # batch size 1: Python floats (RowOps) give the same exits
+            single = model.early_exit(ids[row:row + 1, : int(mask[row].sum())], policy=policy)
+            assert int(single.exit_layers) == int(expected.exit_layer[row])
+    assert min(seen) < 4 and max(seen) == 4  # rows left early and rows ran to the end: the rule was exercised
+    args = runner_args.parse_args(["--task_name", "sst-2", "--output_dir", "x", "--confident_run_threshold",
+                                   "0.8,0.9", "--confident_runs", "1,2"])
+    assert len(runner_args.policies_from_args(args)) == 4
