@@ -761,7 +761,7 @@ def _cached_features_are_whole(cache_file: str, meta_file: str, num_examples: in
     else:
         if rows == num_examples == meta.get("examples"):
             return True
-        problem = f"{rows} rows for {num_examples} examples"
+        problem = f"{rows} rows, a count of {meta.get('examples')} examples, for {num_examples} examples"
     logger.warning("the feature cache %s is damaged (%s): tokenising again", cache_file, problem)
     return False
 

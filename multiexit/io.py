@@ -82,6 +82,12 @@ def writing(path: str, intact: str = "") -> Iterator[None]:
         raise WriteError(path, cause, intact) from error
 
 
+def make_folder(path: str) -> None:
+    """``os.makedirs(path, exist_ok=True)``; a refusal of the machine raises WriteError."""
+    with writing(path, "nothing was written there"):
+        os.makedirs(path, exist_ok=True)
+
+
 def append_jsonl(path: str, record: dict) -> None:
     """Append ``record`` as one JSON line, atomically with respect to other writers of the same file.
 

@@ -30,7 +30,7 @@ from multiexit.errors import (
     UserInputError,
     WriteError,
 )
-from multiexit.io import list_checkpoints
+from multiexit.io import list_checkpoints, make_folder
 from multiexit.runner.args import apply_seed_conventions, check_args, parse_args, policies_from_args, warn_unused_flags
 from multiexit.runner.evaluation import RESULTS_FILE, checkpoint_label, evaluate_checkpoint, per_layer_callback
 from multiexit.runner.loading import (
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                              f"set and score it on the other: that needs at least 4 labelled examples, the "
                              f"{args.eval_split} split has {labelled}")
     train_examples = read_split(args, task, "train", args.max_train_samples) if args.do_train else None
-    os.makedirs(args.output_dir, exist_ok=True)
+    make_folder(args.output_dir)
 
     # data: tokenised once (the main process writes the feature cache, the others then read it)
     with accelerator.main_process_first():
@@ -181,23 +181,33 @@ def make_accelerator(args):  # noqa: ANN001, ANN201 - an accelerate.Accelerator
     return accelerator
 
 
+def say(line: str) -> None:
+    """``line`` on stderr, on a line of its own: a progress bar that an exception left open is closed first (tqdm
+    leaves the cursor at the end of its bar)."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    print(line, file=sys.stderr)
+
+
 def cli(argv: list[str] | None = None) -> int:
     """The command line: runs :func:`main`; a mistake in the input is one line on stderr and exit status 2, a write
     the machine refused (disk full, ...) one line and 74, a training run stopped by SIGTERM one line and 143."""
     try:
         main(argv)
     except UserInputError as error:
-        print(f"error: {error}", file=sys.stderr)
+        say(f"error: {error}")
         return EXIT_USER_INPUT
     except WriteError as error:
-        print(f"error: {error}", file=sys.stderr)
+        say(f"error: {error}")
         return EXIT_WRITE_FAILED
     except TrainingStopped as stop:
         if int(os.environ.get("RANK", "0")) == 0:  # every process stops; one says so
-            print(f"stopped: {stop}", file=sys.stderr)
+            say(f"stopped: {stop}")
         return EXIT_TERMINATED
     except KeyboardInterrupt:
-        print("interrupted: completed checkpoints and result lines are intact", file=sys.stderr)
+        say("interrupted: completed checkpoints and result lines are intact")
         return 130
     finally:
         # a multi-process run leaves its process group before the interpreter shuts down: left to finalisation,
