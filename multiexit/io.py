@@ -202,8 +202,8 @@ def atomic_directory(path: str) -> Iterator[str]:
             os.chmod(temporary, 0o777 & ~_umask())  # mkdtemp makes it private
             yield temporary
             sizes = _file_sizes(temporary)
-            with writing(os.path.join(path, MANIFEST_NAME)), \
-                    open(os.path.join(temporary, MANIFEST_NAME), "w", encoding="utf-8") as stream:
+            with (writing(os.path.join(path, MANIFEST_NAME)),
+                  open(os.path.join(temporary, MANIFEST_NAME), "w", encoding="utf-8") as stream):
                 json.dump({"files": sizes}, stream, indent=1, sort_keys=True)
         except BaseException:
             shutil.rmtree(temporary, ignore_errors=True)

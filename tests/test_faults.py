@@ -689,17 +689,23 @@ def single_thread_env() -> dict[str, str]:
     return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 
 
+def signal_during_training(tmp_path: Path, argv: list[str], output_dir: Path, signum: int) -> tuple[int, str]:
+    """Run the runner in a fresh process (slowed), send ``signum`` once it has logged step 2; (exit status, stderr)."""
+    process = subprocess.Popen([sys.executable, str(slow_script(tmp_path)), *argv], cwd=REPO, env=single_thread_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_steps(output_dir / "training_log.jsonl", 2, process)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=300)
+    return process.returncode, stderr
+
+
 @pytest.mark.slow
 def test_sigterm_stops_training_at_a_step_and_the_resumed_run_is_exact(tiny_run: dict[str, Path],
                                                                        tmp_path: Path) -> None:
     output_dir = tmp_path / "run"
     argv = runner_argv(tiny_run, output_dir, "--max_steps", 12, "--save_steps", 0)
-    process = subprocess.Popen([sys.executable, str(slow_script(tmp_path)), *argv], cwd=REPO, env=single_thread_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_steps(output_dir / "training_log.jsonl", 2, process)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 143, stderr[-3000:]
+    status, stderr = signal_during_training(tmp_path, argv, output_dir, signal.SIGTERM)
+    assert status == 143, stderr[-3000:]
     (checkpoint,) = list_checkpoints(str(output_dir))  # --save_steps 0: only the one SIGTERM asked for
     step = int(checkpoint.rsplit("-", 1)[1])
     assert 2 <= step < 12 and runner_training.checkpoint_damage(checkpoint) is None
@@ -729,12 +735,8 @@ def test_sigterm_stops_training_at_a_step_and_the_resumed_run_is_exact(tiny_run:
 def test_sigint_keeps_its_behaviour(tiny_run: dict[str, Path], tmp_path: Path) -> None:
     output_dir = tmp_path / "run"
     argv = runner_argv(tiny_run, output_dir, "--max_steps", 12, "--save_steps", 0)
-    process = subprocess.Popen([sys.executable, str(slow_script(tmp_path)), *argv], cwd=REPO, env=single_thread_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_steps(output_dir / "training_log.jsonl", 2, process)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 130, stderr[-3000:]
+    status, stderr = signal_during_training(tmp_path, argv, output_dir, signal.SIGINT)
+    assert status == 130, stderr[-3000:]
     assert "interrupted: completed checkpoints and result lines are intact" in stderr
     assert not list_checkpoints(str(output_dir))  # Ctrl-C stops at once, saving nothing
 

@@ -73,15 +73,15 @@ def save_checkpoint(folder: str, accelerator, model, tokenizer, args, optimizer,
                 accelerator.unwrap_model(model).save_pretrained(temporary, safe_serialization=True)
             with writing(os.path.join(folder, "tokenizer.json")):  # and the tokenizer's other files
                 tokenizer.save_pretrained(temporary)
-            with writing(os.path.join(folder, "training_args.json")), \
-                    open(os.path.join(temporary, "training_args.json"), "w") as stream:
+            with (writing(os.path.join(folder, "training_args.json")),
+                  open(os.path.join(temporary, "training_args.json"), "w") as stream):
                 json.dump(vars(args), stream, indent=2, sort_keys=True)
             if optimizer is not None:
                 with writing(os.path.join(folder, TRAINING_STATE_NAME)):
                     save_training_state(temporary, optimizer, scheduler, progress)
             # inside the temporary folder: a checkpoint-N that exists is complete, resume state included
-            with writing(os.path.join(folder, "trainer_state.json")), \
-                    open(os.path.join(temporary, "trainer_state.json"), "w") as stream:
+            with (writing(os.path.join(folder, "trainer_state.json")),
+                  open(os.path.join(temporary, "trainer_state.json"), "w") as stream):
                 json.dump(progress, stream)
         if args.save_total_limit:  # the oldest go, once the new one is complete (so one always remains)
             for old in list_checkpoints(args.output_dir)[: -args.save_total_limit]:
