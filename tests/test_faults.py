@@ -3,8 +3,8 @@ checkpoint, SIGTERM.
 
 * Write failures come from the kernel, never from a mock: ``/dev/full`` (every write fails with ENOSPC),
   ``RLIMIT_FSIZE`` lowered while one chosen writer runs (its writes fail with EFBIG, after a partial write where the
-  limit falls inside one: no root needed, and it reaches the Rust and C++ writers of safetensors, tokenizers and
-  pyarrow), and where the machine lets this process mount one, a small tmpfs that fills up (ENOSPC). Every writer of
+  limit falls inside one: no root needed, and it reaches the Rust and C++ writers of safetensors and pyarrow), and
+  where the machine lets this process mount one, a small tmpfs that fills up (ENOSPC). Every writer of
   the runner (checkpoint weights and training state, training log, final model, feature cache, results, per-example
   files, summaries, plot, logits, DeeBERT's plot data) ends in one ``error:`` line naming its file, exit status 74,
   no partial or temporary file, and, during training, the earlier checkpoints whole and the command that resumes.
@@ -13,7 +13,8 @@ checkpoint, SIGTERM.
   uninterrupted run; a damaged checkpoint given by name is a clear error.
 * SIGTERM to a training process (a real signal, to a real subprocess): it stops at a step boundary, saves a
   checkpoint, says how to resume, exits 143; the resumed run ends bit-identical to an uninterrupted one. With two
-  processes (torchrun, gloo), a SIGTERM to one of them stops both at the same step. SIGINT still exits 130.
+  processes (torchrun, gloo), a SIGTERM to one of them stops both at the same step, and the resumed two-process run
+  is exact too. A real SIGINT still stops at once with exit status 130.
 
 Runs that need a runner in a clean process state run forked (one thread, stdout and stderr on /dev/null so the only
 regular files written are the runner's). The torn-line and concurrent-append survivals are in test_resume_and_ddp.py.
@@ -423,13 +424,14 @@ def test_a_run_that_failed_to_write_a_checkpoint_resumes_exactly(tiny_run: dict[
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Callable[[str], Path]:
-    """``mount(size)``: a fresh tmpfs of ``size`` (``"30m"``) under tmp_path; skips where mounting is not allowed."""
+    """``mount(size, options)``: a fresh tmpfs of ``size`` (``"30m"``; ``options`` such as ``",ro"``) under tmp_path;
+    skips where mounting is not allowed."""
     mounted: list[Path] = []
 
-    def mount(size: str) -> Path:
+    def mount(size: str, options: str = "") -> Path:
         folder = tmp_path / f"disk{len(mounted)}"
         folder.mkdir()
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}{options}", "tmpfs", str(folder)],
                                 capture_output=True, text=True)
         if result.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or result.returncode})")
@@ -512,6 +514,16 @@ def test_a_full_disk_for_the_feature_cache_and_the_results(small_disk: Callable[
     status, stderr = run_runner_forked([*evaluation, "--output_dir", str(output_dir)])
     assert status == 0, stderr[-3000:]
     assert len(read_records(output_dir)) == 2 * len(records.splitlines())
+
+
+def test_a_read_only_output_folder(small_disk: Callable[..., Path], tiny_run: dict[str, Path]) -> None:
+    disk = small_disk("1m", ",ro")
+    model = make_tiny_model(disk.parent / "model", multi_exit=True)
+    status, stderr = run_main(["--model_name_or_path", model, "--task_name", "sst-2", "--data_dir", tiny_run["data"],
+                               "--output_dir", disk / "eval", "--max_seq_length", 32, "--do_eval"])
+    assert status == 74
+    assert error_line(stderr) == (f"error: could not write {disk / 'eval'}: Read-only file system (EROFS); nothing "
+                                  f"was written there")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -689,23 +701,17 @@ def single_thread_env() -> dict[str, str]:
     return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 
 
-def signal_during_training(tmp_path: Path, argv: list[str], output_dir: Path, signum: int) -> tuple[int, str]:
-    """Run the runner in a fresh process (slowed), send ``signum`` once it has logged step 2; (exit status, stderr)."""
-    process = subprocess.Popen([sys.executable, str(slow_script(tmp_path)), *argv], cwd=REPO, env=single_thread_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_steps(output_dir / "training_log.jsonl", 2, process)
-    process.send_signal(signum)
-    _, stderr = process.communicate(timeout=300)
-    return process.returncode, stderr
-
-
 @pytest.mark.slow
 def test_sigterm_stops_training_at_a_step_and_the_resumed_run_is_exact(tiny_run: dict[str, Path],
                                                                        tmp_path: Path) -> None:
     output_dir = tmp_path / "run"
     argv = runner_argv(tiny_run, output_dir, "--max_steps", 12, "--save_steps", 0)
-    status, stderr = signal_during_training(tmp_path, argv, output_dir, signal.SIGTERM)
-    assert status == 143, stderr[-3000:]
+    process = subprocess.Popen([sys.executable, str(slow_script(tmp_path)), *argv], cwd=REPO, env=single_thread_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_steps(output_dir / "training_log.jsonl", 2, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr[-3000:]
     (checkpoint,) = list_checkpoints(str(output_dir))  # --save_steps 0: only the one SIGTERM asked for
     step = int(checkpoint.rsplit("-", 1)[1])
     assert 2 <= step < 12 and runner_training.checkpoint_damage(checkpoint) is None
@@ -733,12 +739,26 @@ def test_sigterm_stops_training_at_a_step_and_the_resumed_run_is_exact(tiny_run:
 
 @pytest.mark.slow
 def test_sigint_keeps_its_behaviour(tiny_run: dict[str, Path], tmp_path: Path) -> None:
+    """A real SIGINT, sent by the run to itself in its third training step (in-process: the SIGTERM handler is
+    installed then), still stops it at once: KeyboardInterrupt, exit status 130, no checkpoint saved."""
     output_dir = tmp_path / "run"
-    argv = runner_argv(tiny_run, output_dir, "--max_steps", 12, "--save_steps", 0)
-    status, stderr = signal_during_training(tmp_path, argv, output_dir, signal.SIGINT)
+    original, forwards = runner_training.model_inputs, []
+
+    def model_inputs(batch: dict) -> dict:
+        forwards.append(1)
+        if len(forwards) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # interrupted by the KeyboardInterrupt
+        return original(batch)
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner_training, "model_inputs", model_inputs)
+        status, stderr = run_main(runner_argv(tiny_run, output_dir, "--max_steps", 12, "--save_steps", 0))
     assert status == 130, stderr[-3000:]
     assert "interrupted: completed checkpoints and result lines are intact" in stderr
-    assert not list_checkpoints(str(output_dir))  # Ctrl-C stops at once, saving nothing
+    assert not list_checkpoints(str(output_dir))
+    assert signal.getsignal(signal.SIGTERM) == before  # the training's SIGTERM handler is gone
 
 
 def test_sigterm_outside_training_keeps_its_default() -> None:
