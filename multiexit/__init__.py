@@ -9,8 +9,9 @@ Where things are (each module has one job):
 * :mod:`multiexit.replay` — offline replay, sweeps, per-layer scores, calibration, the score-vs-speed-up plot;
 * :mod:`multiexit.cuda_graphs` — batch-size-1 early exit replayed from CUDA graphs;
 * :mod:`multiexit.data` — GLUE / AG News / BBC News readers, official metrics, cached tokenisation;
-* :mod:`multiexit.io` — atomic checkpoints, locked JSONL appends, exact resume state;
-  :mod:`multiexit.errors` — the one user-error type;
+* :mod:`multiexit.io` — atomic checkpoints, locked JSONL appends, exact resume state, the one place that
+  recognises a failed write; :mod:`multiexit.errors` — the errors the runner reports in one line (user input,
+  failed write, training stopped by SIGTERM);
 * :mod:`multiexit.tiny` — tiny random configs and models for tests, benchmarks and examples;
 * :mod:`multiexit.runner` — the command-line runner (``run_glue_with_exits.py``).
 

@@ -26,17 +26,21 @@ import math
 import os
 import random
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import f1_score, matthews_corrcoef
 from transformers import DataCollatorWithPadding
 
 from multiexit.errors import UserInputError
+from multiexit.io import INTACT_FILE, atomic_write_text, writing
 
 logger = logging.getLogger(__name__)
 
@@ -663,7 +667,8 @@ def build_features(
 
     With ``cache_dir`` the features are stored as ``features-<fingerprint>.arrow`` (plus a .json with the truncation
     count) and reused by later runs with the same task, examples, tokenizer and max_seq_length; ``overwrite_cache``
-    tokenizes again and rewrites them (as HF's ``--overwrite_cache``).
+    tokenizes again and rewrites them (as HF's ``--overwrite_cache``). A damaged cache (truncated, unreadable) is
+    rebuilt with a warning; a write the machine refuses raises WriteError, leaving no partial file.
     """
     pair = task.text_fields == 2
     if pair and any(ex.text_b is None for ex in examples):
@@ -696,30 +701,36 @@ def build_features(
         return encoded
 
     fingerprint = features_fingerprint(examples, tokenizer, max_seq_length, task, token_type_ids)
+
+    def tokenize_all(cache_file_name: str | None, reuse: bool) -> datasets.Dataset:
+        return raw.map(tokenize, batched=True, remove_columns=[c for c in ("text_a", "text_b") if c in columns],
+                       cache_file_name=cache_file_name, load_from_cache_file=reuse, new_fingerprint=fingerprint,
+                       desc=f"Tokenizing {task.name}")
+
     cache_file = meta_file = None
-    if cache_dir is not None:
-        os.makedirs(cache_dir, exist_ok=True)
+    if cache_dir is None:
+        features = tokenize_all(None, reuse=False)
+    else:
         cache_file = os.path.join(cache_dir, f"features-{fingerprint}.arrow")
         meta_file = os.path.join(cache_dir, f"features-{fingerprint}.json")
-    features = raw.map(
-        tokenize,
-        batched=True,
-        remove_columns=[c for c in ("text_a", "text_b") if c in columns],
-        cache_file_name=cache_file,
-        # A cache file without its truncation count is from an interrupted run: rebuild it.
-        load_from_cache_file=meta_file is not None and os.path.exists(meta_file) and not overwrite_cache,
-        new_fingerprint=fingerprint,
-        desc=f"Tokenizing {task.name}",
-    )
+        reuse = not overwrite_cache and _cached_features_are_whole(cache_file, meta_file, len(examples))
+        if not reuse:
+            # tokenised into a folder of its own and renamed into place: a failed write (a full disk) leaves no
+            # partial or temporary file (datasets leaves its temporary file when it cannot finish it), and a
+            # concurrent run (two sweeps into one output folder) reads the old file or the new one, whole
+            with writing(cache_file, INTACT_FILE):
+                os.makedirs(cache_dir, exist_ok=True)
+                staging = tempfile.mkdtemp(prefix=".tmp-features-", dir=cache_dir)
+                try:
+                    tokenize_all(os.path.join(staging, os.path.basename(cache_file)), reuse=False)
+                    os.replace(os.path.join(staging, os.path.basename(cache_file)), cache_file)
+                finally:
+                    shutil.rmtree(staging, ignore_errors=True)
+            # the .arrow file it vouches for is in place first
+            atomic_write_text(meta_file, json.dumps({"truncated": sum(truncated), "examples": len(examples)}))
+        features = tokenize_all(cache_file, reuse=True)  # the file just written, or the one found
     if truncated:
         n_truncated = sum(truncated)
-        if meta_file is not None:
-            # written under a temporary name and renamed: a concurrent run (two sweeps into one output folder) that
-            # sees the file reads it whole; the .arrow file it vouches for is renamed into place by datasets first
-            temporary = f"{meta_file}.tmp-{os.getpid()}"
-            with open(temporary, "w", encoding="utf-8") as f:
-                json.dump({"truncated": n_truncated, "examples": len(examples)}, f)
-            os.replace(temporary, meta_file)
     else:
         assert meta_file is not None  # map only skips the function when it reuses a cache file
         logger.info("reusing cached features %s", cache_file)
@@ -733,6 +744,26 @@ def build_features(
             max_seq_length,
         )
     return features
+
+
+def _cached_features_are_whole(cache_file: str, meta_file: str, num_examples: int) -> bool:
+    """Whether a feature cache can be reused: both files there, readable, one row per example. The cache is derived
+    data: a missing one is built silently, a damaged one (a truncated or unreadable file) with a warning."""
+    if not (os.path.exists(cache_file) and os.path.exists(meta_file)):  # (no count: an interrupted run's file)
+        return False
+    try:
+        with open(meta_file, encoding="utf-8") as f:
+            meta = json.load(f)
+        int(meta["truncated"])
+        rows = datasets.Dataset.from_file(cache_file).num_rows
+    except (OSError, ValueError, KeyError, TypeError, pyarrow.ArrowException) as error:
+        problem = f"{type(error).__name__}: {error}"
+    else:
+        if rows == num_examples == meta.get("examples"):
+            return True
+        problem = f"{rows} rows, a count of {meta.get('examples')} examples, for {num_examples} examples"
+    logger.warning("the feature cache %s is damaged (%s): tokenising again", cache_file, problem)
+    return False
 
 
 @dataclass

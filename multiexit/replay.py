@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from multiexit.errors import UserInputError
+from multiexit.io import atomic_file
 from multiexit.policies import POLICIES, BudgetExit, ExitPolicy, replay
 
 MetricFn = Callable[[np.ndarray, np.ndarray], dict[str, float]]
@@ -333,7 +334,8 @@ def plot_score_vs_speedup(
     more: no setting lies between two points) plus its settings as faint dots. A curve named ``budget`` (the static
     exit, the baseline to beat) is black and dashed; legends use the policy's title where the name is a policy's.
     ``reference_lines`` are (label, score, colour) horizontal lines (full depth, a single-exit model). The image is
-    drawn under a temporary name and renamed, so concurrent runs never leave a half-written file."""
+    drawn under a temporary name and renamed (:func:`multiexit.io.atomic_file`), so concurrent runs never leave a
+    half-written file, nor does a failed write (WriteError)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -362,8 +364,8 @@ def plot_score_vs_speedup(
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
     figure.tight_layout()
-    folder, base = os.path.split(os.path.abspath(path))
-    temporary = os.path.join(folder, f".tmp-{os.getpid()}-{base}")
-    figure.savefig(temporary, format=os.path.splitext(base)[1].lstrip(".") or "png")
-    plt.close(figure)
-    os.replace(temporary, path)
+    try:
+        with atomic_file(path, "wb") as stream:
+            figure.savefig(stream, format=os.path.splitext(path)[1].lstrip(".") or "png")
+    finally:
+        plt.close(figure)

@@ -352,7 +352,7 @@ def test_ctrl_c_while_saving_leaves_nothing_half_written(saving: str, tiny_dropo
     assert [os.path.basename(c) for c in list_checkpoints(str(tmp_path))] == expected
     assert sorted(name for name in files if name.startswith("checkpoint-")) == expected
     for checkpoint in expected:
-        assert runner_training._is_resumable(str(tmp_path / checkpoint)), checkpoint
+        assert runner_training.checkpoint_damage(str(tmp_path / checkpoint)) is None, checkpoint
     status, stderr = run_main(_train_args(model, data, tmp_path, [*flags, "--resume_from_checkpoint", "latest"]))
     assert status == 0, stderr
     assert (tmp_path / "model.safetensors").is_file() and len(read_records(tmp_path)) == 4

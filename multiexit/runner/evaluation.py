@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from multiexit.data import TaskSpec, compute_metrics, make_collator, submission_file_name, submission_text
-from multiexit.io import append_jsonl, atomic_copy, atomic_save_npy, atomic_write_text
+from multiexit.io import append_jsonl, atomic_copy, atomic_save_npy, atomic_write_text, make_folder, writing
 from multiexit.policies import POLICIES, BudgetExit, ExitPolicy, parse_list
 from multiexit.replay import (
     PolicyScore,
@@ -161,11 +161,12 @@ class ResultWriter:
         self.run_folder = f"{args.eval_split}_{time.strftime('%Y%m%d-%H%M%S')}"
         if enabled:
             parent = os.path.join(args.output_dir, "exit_details", self.checkpoint_name)
-            os.makedirs(parent, exist_ok=True)
+            make_folder(parent)
             stem, number = self.run_folder, 1
             while True:
                 try:
-                    os.mkdir(os.path.join(parent, self.run_folder))
+                    with writing(os.path.join(parent, self.run_folder), "nothing was written there"):
+                        os.mkdir(os.path.join(parent, self.run_folder))
                     break
                 except FileExistsError:
                     number += 1
@@ -261,7 +262,7 @@ def evaluate_checkpoint(args, accelerator, task: TaskSpec, checkpoint: str, mode
     writer = ResultWriter(args, task, checkpoint, labels_or_none, enabled=main_process)
     if args.save_layer_logits and main_process:
         folder = os.path.join(args.output_dir, "layer_logits")
-        os.makedirs(folder, exist_ok=True)
+        make_folder(folder)
         atomic_save_npy(os.path.join(folder, f"{writer.checkpoint_name}_{args.eval_split}_logits.npy"),
                         layer_logits.numpy())
         atomic_save_npy(os.path.join(folder, f"{writer.checkpoint_name}_{args.eval_split}_labels.npy"), labels)
@@ -313,7 +314,7 @@ def evaluate_checkpoint(args, accelerator, task: TaskSpec, checkpoint: str, mode
             write_deebert_plot_data(args, task, per_layer, setting_records, num_layers)
         if has_labels and (grid_scores or len(replayed) > 1):
             plot_dir = args.plot_data_dir or args.output_dir
-            os.makedirs(plot_dir, exist_ok=True)
+            make_folder(plot_dir)
             plot_path = os.path.join(plot_dir, f"score_vs_speedup_{writer.checkpoint_name}.png")
             plot_score_vs_speedup(curves_from_scores(per_layer + replayed + grid_scores, task.main_metric), plot_path,
                                   f"{task.main_metric} (×100)", title=f"{task.name}: {writer.checkpoint_name}")
@@ -426,7 +427,7 @@ def write_deebert_plot_data(args: argparse.Namespace, task: TaskSpec, per_layer:
     model_name = os.path.join(*[part for part in os.path.normpath(args.model_name_or_path).split(os.sep)
                                 if part not in ("", os.curdir, os.pardir)] or ["model"])
     folder = os.path.join(args.plot_data_dir, model_name)
-    os.makedirs(folder, exist_ok=True)
+    make_folder(folder)
     if args.eval_each_highway:
         atomic_save_npy(os.path.join(folder, "each_layer.npy"),
                         np.array([deebert_result(task, score.metrics) for score in per_layer], dtype=np.float64))

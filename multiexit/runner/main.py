@@ -22,8 +22,15 @@ import sys
 import torch
 
 from multiexit.data import get_task
-from multiexit.errors import UserInputError
-from multiexit.io import list_checkpoints
+from multiexit.errors import (
+    EXIT_TERMINATED,
+    EXIT_USER_INPUT,
+    EXIT_WRITE_FAILED,
+    TrainingStopped,
+    UserInputError,
+    WriteError,
+)
+from multiexit.io import list_checkpoints, make_folder
 from multiexit.runner.args import apply_seed_conventions, check_args, parse_args, policies_from_args, warn_unused_flags
 from multiexit.runner.evaluation import RESULTS_FILE, checkpoint_label, evaluate_checkpoint, per_layer_callback
 from multiexit.runner.loading import (
@@ -36,7 +43,13 @@ from multiexit.runner.loading import (
     read_split,
     resolve_model_path,
 )
-from multiexit.runner.training import find_resume_folder, initial_exit_bias, save_final_model, train
+from multiexit.runner.training import (
+    find_resume_folder,
+    initial_exit_bias,
+    resumable_training,
+    save_final_model,
+    train,
+)
 
 logger = logging.getLogger("run_glue_with_exits")
 
@@ -49,7 +62,8 @@ __all__ = [
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """The whole job. Returns, as HF example scripts do, the evaluation's metrics (metric name -> value: full depth,
     then every requested setting under its label; with several checkpoints each key ends in ``_<step>``, as in the
-    seeds). Raises UserInputError on bad input; :func:`cli` turns that into one line and exit status 2."""
+    seeds). Raises UserInputError on bad input, WriteError when the machine refuses a write, TrainingStopped when
+    SIGTERM stopped training; :func:`cli` turns each into one line and an exit status."""
     from accelerate.utils import set_seed
 
     # arguments and the checks that need nothing loaded
@@ -84,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                              f"set and score it on the other: that needs at least 4 labelled examples, the "
                              f"{args.eval_split} split has {labelled}")
     train_examples = read_split(args, task, "train", args.max_train_samples) if args.do_train else None
-    os.makedirs(args.output_dir, exist_ok=True)
+    make_folder(args.output_dir)
 
     # data: tokenised once (the main process writes the feature cache, the others then read it)
     with accelerator.main_process_first():
@@ -103,8 +117,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             if start is not None:
                 model.set_exit_output_bias(start)
         eval_callback = per_layer_callback(args, accelerator, task, tokenizer, eval_features)
-        train(args, accelerator, model, tokenizer, train_features, eval_callback)
-        save_final_model(args, accelerator, model, tokenizer)
+        with resumable_training(args, argv):  # SIGTERM stops at a step boundary; failures say how to resume
+            train(args, accelerator, model, tokenizer, train_features, eval_callback)
+            save_final_model(args, accelerator, model, tokenizer)
 
     # evaluation: the trained model (or the one given), and every checkpoint-N with --eval_all_checkpoints
     results: dict[str, float] = {}
@@ -166,15 +181,33 @@ def make_accelerator(args):  # noqa: ANN001, ANN201 - an accelerate.Accelerator
     return accelerator
 
 
+def say(line: str) -> None:
+    """``line`` on stderr, on a line of its own: a progress bar that an exception left open is closed first (tqdm
+    leaves the cursor at the end of its bar)."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    print(line, file=sys.stderr)
+
+
 def cli(argv: list[str] | None = None) -> int:
-    """The command line: runs :func:`main`; a mistake in the input is one line on stderr and exit status 2."""
+    """The command line: runs :func:`main`; a mistake in the input is one line on stderr and exit status 2, a write
+    the machine refused (disk full, ...) one line and 74, a training run stopped by SIGTERM one line and 143."""
     try:
         main(argv)
     except UserInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        say(f"error: {error}")
+        return EXIT_USER_INPUT
+    except WriteError as error:
+        say(f"error: {error}")
+        return EXIT_WRITE_FAILED
+    except TrainingStopped as stop:
+        if int(os.environ.get("RANK", "0")) == 0:  # every process stops; one says so
+            say(f"stopped: {stop}")
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
-        print("interrupted: completed checkpoints and result lines are intact", file=sys.stderr)
+        say("interrupted: completed checkpoints and result lines are intact")
         return 130
     finally:
         # a multi-process run leaves its process group before the interpreter shuts down: left to finalisation,

@@ -9,12 +9,18 @@ saved in each ``checkpoint-N`` by :func:`save_checkpoint`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
+import shlex
 import shutil
-from collections.abc import Callable, Sequence
+import signal
+import sys
+import threading
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,18 +29,21 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from multiexit.data import TaskSpec, make_collator
-from multiexit.errors import UserInputError
+from multiexit.errors import TrainingStopped, UserInputError, WriteError
 from multiexit.io import (
+    TRAINING_STATE_NAME,
     append_jsonl,
     atomic_directory,
     atomic_write_text,
+    directory_damage,
     list_checkpoints,
     load_training_state,
     save_training_state,
     set_rng_state,
     staged_files,
+    writing,
 )
-from multiexit.runner.loading import model_inputs, training_set
+from multiexit.runner.loading import check_weights_file, model_inputs, training_set
 
 logger = logging.getLogger("run_glue_with_exits")
 
@@ -55,18 +64,24 @@ def training_plans(args: argparse.Namespace) -> list[TrainingPlan]:
 
 
 def save_checkpoint(folder: str, accelerator, model, tokenizer, args, optimizer, scheduler, progress: dict) -> None:  # noqa: ANN001
-    """Weights (safetensors), tokenizer, arguments and the exact training state, written atomically."""
+    """Weights (safetensors), tokenizer, arguments and the exact training state, written atomically (a failed write
+    raises WriteError naming the file, with nothing left behind)."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with atomic_directory(folder) as temporary:
-            accelerator.unwrap_model(model).save_pretrained(temporary, safe_serialization=True)
-            tokenizer.save_pretrained(temporary)
-            with open(os.path.join(temporary, "training_args.json"), "w") as stream:
+            with writing(os.path.join(folder, "model.safetensors")):  # and config.json
+                accelerator.unwrap_model(model).save_pretrained(temporary, safe_serialization=True)
+            with writing(os.path.join(folder, "tokenizer.json")):  # and the tokenizer's other files
+                tokenizer.save_pretrained(temporary)
+            with (writing(os.path.join(folder, "training_args.json")),
+                  open(os.path.join(temporary, "training_args.json"), "w") as stream):
                 json.dump(vars(args), stream, indent=2, sort_keys=True)
             if optimizer is not None:
-                save_training_state(temporary, optimizer, scheduler, progress)
+                with writing(os.path.join(folder, TRAINING_STATE_NAME)):
+                    save_training_state(temporary, optimizer, scheduler, progress)
             # inside the temporary folder: a checkpoint-N that exists is complete, resume state included
-            with open(os.path.join(temporary, "trainer_state.json"), "w") as stream:
+            with (writing(os.path.join(folder, "trainer_state.json")),
+                  open(os.path.join(temporary, "trainer_state.json"), "w") as stream):
                 json.dump(progress, stream)
         if args.save_total_limit:  # the oldest go, once the new one is complete (so one always remains)
             for old in list_checkpoints(args.output_dir)[: -args.save_total_limit]:
@@ -74,33 +89,64 @@ def save_checkpoint(folder: str, accelerator, model, tokenizer, args, optimizer,
     accelerator.wait_for_everyone()
 
 
-def _is_resumable(folder: str) -> bool:
-    return all(os.path.isfile(os.path.join(folder, name))
-               for name in ("trainer_state.json", "training_state.pt", "model.safetensors"))
+RESUME_FILES = ("trainer_state.json", TRAINING_STATE_NAME, "model.safetensors")
+
+
+def checkpoint_damage(folder: str) -> str | None:
+    """Why ``folder`` cannot be resumed from, or None when it is whole: every file the checkpoint writer wrote is
+    there with the size it had (its manifest), the weights' header and the training state's archive open and
+    trainer_state.json parses. Reads only headers, so checking every checkpoint of a run takes no time."""
+    missing = [name for name in RESUME_FILES if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        return f"it has no {', '.join(missing)}"
+    damage = directory_damage(folder)
+    if damage is not None:
+        return damage
+    try:
+        check_weights_file(folder)
+    except UserInputError:
+        return "model.safetensors is unreadable"
+    try:
+        with zipfile.ZipFile(os.path.join(folder, TRAINING_STATE_NAME)):  # torch.save writes a zip archive
+            pass
+        with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as stream:
+            json.load(stream)["global_step"]
+    except zipfile.BadZipFile:
+        return f"{TRAINING_STATE_NAME} is unreadable"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "trainer_state.json is unreadable"
+    return None
 
 
 def find_resume_folder(args: argparse.Namespace) -> str | None:
-    """The checkpoint --resume_from_checkpoint names (None: start fresh), with clear errors; reads nothing big."""
+    """The checkpoint --resume_from_checkpoint names (None: start fresh), with clear errors; reads nothing big.
+    ``latest`` is the newest whole checkpoint: one that is incomplete or damaged is skipped with a warning."""
     if not args.resume_from_checkpoint:
         return None
     if args.resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(args.output_dir)
-        complete = [folder for folder in checkpoints if _is_resumable(folder)]
-        for folder in sorted(set(checkpoints) - set(complete)):
-            logger.warning("skipping %s: not a complete training checkpoint (written by an older version?)", folder)
-        if not complete:
-            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting fresh", args.output_dir)
-            return None
-        return check_same_training_set(args, complete[-1])
+        for folder in reversed(list_checkpoints(args.output_dir)):
+            damage = checkpoint_damage(folder)
+            if damage is None:
+                return check_same_training_set(args, folder)
+            logger.warning("skipping %s: not a whole training checkpoint (%s); trying the one before it",
+                           folder, damage)
+        logger.warning("--resume_from_checkpoint latest: no whole checkpoint in %s, starting fresh", args.output_dir)
+        return None
     folder = args.resume_from_checkpoint
     if not os.path.isdir(folder):
         raise UserInputError(f"--resume_from_checkpoint {folder}: no such folder")
-    if not _is_resumable(folder):
+    if not all(os.path.isfile(os.path.join(folder, name)) for name in RESUME_FILES):
         raise UserInputError(
             f"--resume_from_checkpoint {folder}: not a training checkpoint (needs trainer_state.json, "
             f"training_state.pt and model.safetensors, as in the checkpoint-N folders written with --save_steps)"
         )
-    return check_same_training_set(args, folder)
+    folder = check_same_training_set(args, folder)
+    damage = checkpoint_damage(folder)
+    if damage is not None:
+        raise UserInputError(f"--resume_from_checkpoint {folder}: the checkpoint is damaged ({damage}); copy it "
+                             f"again, or resume from another one (--resume_from_checkpoint latest takes the newest "
+                             f"whole one)")
+    return folder
 
 
 def check_same_training_set(args: argparse.Namespace, folder: str) -> str:
@@ -253,11 +299,90 @@ def save_final_model(args, accelerator, model, tokenizer) -> None:  # noqa: ANN0
     written into a temporary folder first and renamed file by file, so a kill leaves no half-written file."""
     if accelerator.is_main_process:
         with staged_files(args.output_dir) as staging:
-            model.save_pretrained(staging, safe_serialization=True)
-            tokenizer.save_pretrained(staging)
+            with writing(os.path.join(args.output_dir, "model.safetensors")):  # and config.json
+                model.save_pretrained(staging, safe_serialization=True)
+            with writing(os.path.join(args.output_dir, "tokenizer.json")):  # and the tokenizer's other files
+                tokenizer.save_pretrained(staging)
         atomic_write_text(os.path.join(args.output_dir, "training_args.json"),
                           json.dumps(vars(args), indent=2, sort_keys=True))
     accelerator.wait_for_everyone()
+
+
+# set by the SIGTERM handler while training runs; read at each optimisation-step boundary
+_stop_signal = threading.Event()
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """While inside, SIGTERM (what ``kill`` and job schedulers send before SIGKILL) asks training to stop at the next
+    optimisation-step boundary and save a checkpoint there (:func:`run_stage`), instead of ending the process at once.
+    Outside, SIGTERM keeps its default, immediate effect (nothing is half-written either way: every writer is atomic).
+    A SIGTERM that arrives after the last step was checked is delivered again on leaving, with the default effect.
+    SIGINT is untouched (KeyboardInterrupt). Only the main thread can own a signal handler; elsewhere this does
+    nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _stop_signal.clear()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: _stop_signal.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+    if _stop_signal.is_set():  # (not after an exception: the stop was handled, or another error is on its way)
+        _stop_signal.clear()
+        signal.raise_signal(signal.SIGTERM)
+
+
+def stop_requested(accelerator) -> bool:  # noqa: ANN001
+    """Whether a process received SIGTERM. Every process takes the same decision at the same step (a scheduler may
+    signal one process only, or each at a slightly different moment): one that stopped alone would leave the others
+    waiting in their next gradient all-reduce."""
+    requested = _stop_signal.is_set()
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(torch.tensor([int(requested)], device=accelerator.device), "sum")
+        requested = bool(flags.item() > 0)
+    return requested
+
+
+def resume_command(argv: Sequence[str] | None) -> str:
+    """The command that resumes this run: its own command line with ``--resume_from_checkpoint latest`` (in place of
+    any --resume_from_checkpoint it had), launched as it was (python, or torchrun with as many processes)."""
+    arguments, kept = list(sys.argv[1:] if argv is None else argv), []
+    skip_value = False
+    for argument in map(str, arguments):
+        if skip_value or argument.startswith("--resume_from_checkpoint="):
+            skip_value = False
+            continue
+        skip_value = argument == "--resume_from_checkpoint"
+        if not skip_value:
+            kept.append(argument)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = ["python"] if processes == 1 else ["torchrun", "--nproc_per_node", str(processes)]
+    script = sys.argv[0] if argv is None else "run_glue_with_exits.py"
+    return shlex.join([*launcher, script, *kept, "--resume_from_checkpoint", "latest"])
+
+
+@contextlib.contextmanager
+def resumable_training(args: argparse.Namespace, argv: Sequence[str] | None) -> Iterator[None]:
+    """Around training and the final save: SIGTERM stops at a step boundary (:func:`stop_on_sigterm`); a stop, or a
+    write the machine refused (WriteError), leaves saying what is intact and the command that resumes the run."""
+    try:
+        with stop_on_sigterm():
+            yield
+    except TrainingStopped as stop:
+        stop.resume = f"resume with: {resume_command(argv)}"
+        raise
+    except WriteError as error:
+        whole = [folder for folder in list_checkpoints(args.output_dir) if checkpoint_damage(folder) is None]
+        if whole:
+            error.intact = (f"nothing was half-written and the earlier checkpoints are untouched; the last whole one "
+                            f"is {whole[-1]}: fix the cause (or copy {args.output_dir} to another disk) and resume "
+                            f"from it with: {resume_command(argv)}")
+        else:
+            error.intact = ("nothing was half-written; no checkpoint was saved before this (--save_steps): fix the "
+                            "cause and run the command again")
+        raise
 
 
 def unwrap(accelerator, model: torch.nn.Module) -> torch.nn.Module:  # noqa: ANN001
@@ -352,6 +477,17 @@ def run_stage(args, accelerator, stage_index: int, plan: TrainingPlan, prepared_
     prepared_model.train()
     running_loss, running_count = 0.0, 0
     epoch = position.first_epoch
+
+    def checkpoint_here() -> str:
+        """checkpoint-<global_step>, holding everything needed to resume exactly from this step boundary."""
+        state = {"global_step": global_step, "stage_step": stage_step, "stage_index": stage_index,
+                 "num_processes": accelerator.num_processes}
+        if accelerator.scaler is not None:  # --fp16: the loss scale is training state too
+            state["grad_scaler"] = accelerator.scaler.state_dict()
+        folder = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+        save_checkpoint(folder, accelerator, prepared_model, tokenizer, args, optimizer, scheduler, state)
+        return folder
+
     while stage_step < steps_per_stage:
         loader.set_epoch(epoch)  # a seeded shuffle per epoch: resuming replays the same order
         if pending_rng is not None and not skip_batches:  # resumed at an epoch boundary
@@ -393,13 +529,12 @@ def run_stage(args, accelerator, stage_index: int, plan: TrainingPlan, prepared_
                 progress_bar.set_postfix(loss=f"{record['loss']:.4f}")
                 if accelerator.is_main_process:
                     append_jsonl(os.path.join(args.output_dir, "training_log.jsonl"), record)
-            if args.save_steps > 0 and global_step % args.save_steps == 0:
-                state = {"global_step": global_step, "stage_step": stage_step, "stage_index": stage_index,
-                         "num_processes": accelerator.num_processes}
-                if accelerator.scaler is not None:  # --fp16: the loss scale is training state too
-                    state["grad_scaler"] = accelerator.scaler.state_dict()
-                folder = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-                save_checkpoint(folder, accelerator, prepared_model, tokenizer, args, optimizer, scheduler, state)
+            saved = checkpoint_here() if args.save_steps > 0 and global_step % args.save_steps == 0 else None
+            # SIGTERM: stop here, at the step boundary, with a checkpoint saved where a --save_steps one would be (so
+            # that resuming from it is exact); after the last step too, so a stop is never lost
+            if stop_requested(accelerator):
+                progress_bar.close()
+                raise TrainingStopped(saved or checkpoint_here(), global_step)
             if stage_step >= steps_per_stage:
                 break
         epoch += 1
