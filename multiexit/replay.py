@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from multiexit.errors import UserInputError
 from multiexit.io import atomic_file
-from multiexit.policies import POLICIES, BudgetExit, ExitPolicy, replay
+from multiexit.policies import POLICIES, BudgetExit, ExitPolicy, Knob, replay
 
 MetricFn = Callable[[np.ndarray, np.ndarray], dict[str, float]]
 
@@ -123,38 +123,313 @@ def default_grid(policy_name: str, num_layers: int, num_labels: int) -> list[Exi
 # Calibration: one protocol for the runner and the study
 # --------------------------------------------------------------------------------------------------------------------
 
+RISKS = ("disagreement", "metric")
+"""What a certified calibration (:func:`certify`) bounds on new examples: ``disagreement``, the fraction of examples
+whose answer differs from full depth's (needs no labels; it bounds the accuracy drop from above), or ``metric``, the
+drop of accuracy against full depth (needs labels)."""
+POINT_ESTIMATE = "empirical"
+"""The uncertified rule, kept under this name: the fastest setting whose metric on the calibration examples is within
+the drop of full depth's there. It promises nothing about other examples (docs/calibration.md measures how often it
+breaks the drop on a held-out half)."""
+PER_EXAMPLE_METRICS = ("acc",)
+"""Main metrics that are means of a per-example term (correct or not): risk ``metric`` certifies their drop."""
+SEQUENCE_STEPS = 100
+"""A continuous knob's certification sequence: its declared range cut into this many equal steps."""
+DEFAULT_DELTA = 0.1
+
+
+@dataclass
+class Certificate:
+    """What a certified calibration promises: with probability at least 1 − ``delta`` over the draw of the
+    ``num_examples`` calibration examples, the chosen setting's ``risk`` on new examples from the same distribution
+    is at most ``max_risk`` (Learn then Test: Angelopoulos, Bates, Candès, Jordan, Lei 2021)."""
+
+    risk: str
+    max_risk: float  # ε
+    delta: float  # δ
+    num_examples: int  # calibration examples
+    sequences: int  # fixed sequences tested (one per template that differs in more than its knob)
+    level: float  # each sequence's test level: δ / sequences (Bonferroni)
+    certified: bool  # False: no setting passed, and the answer is full depth
+    bound: float  # upper confidence bound of the chosen setting's risk at ``level`` (full depth: 0, exactly)
+    observed_risk: float  # the chosen setting's risk on the calibration examples
+    settings_certified: int  # in all sequences together
+    # not certified: the fewest calibration examples with which the first setting of a sequence would pass were its
+    # observed loss rates to stay as they are (None: its observed risk is already at least ε), and with no loss at all
+    examples_needed: int | None = None
+    examples_needed_without_loss: int | None = None
+
+    def summary(self) -> dict[str, object]:
+        return asdict(self)
+
 
 @dataclass
 class Calibration:
     policy: ExitPolicy
     calibration_score: PolicyScore
-    reference_metric: float
-    reached_target: bool
+    reference_metric: float  # full depth's main metric on the calibration examples (nan without labels)
+    reached_target: bool  # for a certified calibration: whether some setting was certified
+    certificate: Certificate | None = None  # a certified calibration's promise (:func:`certify`)
+
+
+def check_risk_request(risk: str, max_risk: float, delta: float, main_metric: str | None, num_labels: int,
+                       tolerance: float | None = None, has_labels: bool = True) -> None:
+    """What a calibration for a metric drop needs of its request and its task. Raises UserInputError."""
+    if risk == POINT_ESTIMATE:
+        if not has_labels:
+            raise UserInputError(f"risk {POINT_ESTIMATE!r} compares metrics and needs labels")
+        return
+    if risk not in RISKS:
+        raise UserInputError(f"risk must be one of {', '.join(RISKS)} (or {POINT_ESTIMATE!r}, the uncertified point "
+                             f"estimate), got {risk!r}")
+    if not 0 < max_risk <= 1:
+        raise UserInputError(f"a certified drop is in (0, 1] (no number of examples certifies a risk of 0), got "
+                             f"{max_risk}")
+    if not 0 < delta < 1:
+        raise UserInputError(f"delta, the probability that the certificate fails, is in (0, 1), got {delta}")
+    if risk == "metric":
+        if num_labels == 1 or main_metric not in PER_EXAMPLE_METRICS:
+            raise UserInputError(
+                f"risk 'metric' certifies the drop of a metric that is a mean of per-example terms (accuracy); "
+                f"{main_metric!r} is not one: certify risk 'disagreement' instead (docs/calibration.md says what it "
+                f"implies for F1, MCC and correlations)")
+        if not has_labels:
+            raise UserInputError("risk 'metric' needs labels; risk 'disagreement' does not")
+    if risk == "disagreement" and num_labels == 1 and not (tolerance is not None and 0 < tolerance < math.inf):
+        raise UserInputError("risk 'disagreement' on a regression task needs a tolerance > 0: two answers disagree "
+                             f"when they differ by more than it (got {tolerance})")
+
+
+def example_losses(risk: str, predictions: np.ndarray, full_predictions: np.ndarray, labels: np.ndarray | None = None,
+                   tolerance: float | None = None) -> np.ndarray:
+    """Each example's loss against full depth, in {−1, 0, 1} (int8; ``predictions`` may carry leading axes):
+
+    * ``disagreement``: 1 where the answer differs from full depth's (a regression answer: by more than
+      ``tolerance``);
+    * ``metric``: correct at full depth − correct here. 1: this setting loses the example, −1: it wins it back;
+      the mean is the accuracy drop."""
+    predictions, full_predictions = np.asarray(predictions), np.asarray(full_predictions)
+    if risk == "disagreement":
+        if np.issubdtype(predictions.dtype, np.floating):
+            return (np.abs(predictions - full_predictions) > tolerance).astype(np.int8)
+        return (predictions != full_predictions).astype(np.int8)
+    if risk == "metric":
+        return (full_predictions == labels).astype(np.int8) - (predictions == labels).astype(np.int8)
+    raise ValueError(f"no per-example loss for risk {risk!r}")
+
+
+def _binomial_upper(successes: np.ndarray, trials: np.ndarray, level: float) -> np.ndarray:
+    """Clopper–Pearson: the largest rate r with P(Bin(trials, r) <= successes) >= level."""
+    from scipy.stats import beta
+
+    return np.where(successes >= trials, 1.0,
+                    beta.ppf(1 - level, successes + 1, np.maximum(trials - successes, 1)))
+
+
+def _binomial_lower(successes: np.ndarray, trials: np.ndarray, level: float) -> np.ndarray:
+    """Clopper–Pearson: the smallest rate r with P(Bin(trials, r) >= successes) >= level."""
+    from scipy.stats import beta
+
+    return np.where(successes <= 0, 0.0, beta.ppf(level, np.maximum(successes, 1), trials - successes + 1))
+
+
+def risk_upper_bound(risk: str, worse: np.ndarray, better: np.ndarray, num_examples: int | np.ndarray,
+                     level: float) -> np.ndarray:
+    """An upper confidence bound at ``level`` of the risk from the numbers of examples whose loss is 1 (``worse``)
+    and −1 (``better``) among ``num_examples`` (arrays broadcast): the true risk exceeds it with probability at most
+    ``level``. So "bound <= ε" is a test of H0: risk > ε whose type-I error is at most ``level``.
+
+    * ``disagreement`` (a 0/1 loss): the exact binomial bound; bound <= ε exactly when the binomial p-value
+      P(Bin(n, ε) <= worse) is <= ``level``;
+    * ``metric`` (a loss in {−1, 0, 1}; risk = P(loss 1) − P(loss −1)): P(loss 1) bounded from above and P(loss −1)
+      from below, each exactly at ``level`` / 2, and their difference (a union bound: both hold with probability
+      at least 1 − ``level``)."""
+    worse = np.asarray(worse, dtype=np.float64)
+    trials = np.asarray(num_examples, dtype=np.float64)
+    if risk == "disagreement":
+        return _binomial_upper(worse, trials, level)
+    if risk == "metric":
+        better = np.asarray(better, dtype=np.float64)
+        return _binomial_upper(worse, trials, level / 2) - _binomial_lower(better, trials, level / 2)
+    raise ValueError(f"no bound for risk {risk!r}")
+
+
+def fixed_sequence_end(bounds: np.ndarray, max_risk: float) -> np.ndarray:
+    """Fixed-sequence testing along the last axis (settings from the safest to the most aggressive): the index of
+    the last setting before the first whose bound exceeds ``max_risk``, −1 when the first one does. Every setting up
+    to it is certified, each tested at the full level: a setting whose risk exceeds ε can only be certified if the
+    first such setting of the sequence is, which happens with probability at most the level."""
+    return np.cumprod(np.asarray(bounds) <= max_risk, axis=-1).sum(axis=-1) - 1
+
+
+def most_aggressive(ends: np.ndarray, mean_exit_layers: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The (sequence, setting) to answer with: among the sequences' last certified settings (``ends`` [..., K]), the
+    one with the lowest mean exit layer on the calibration examples (``mean_exit_layers``: per sequence, [..., G_k]);
+    the first sequence on a tie; (−1, −1) where nothing is certified. Choosing by the data is allowed: with
+    probability at least 1 − δ *every* certified setting is within ε."""
+    ends = np.asarray(ends)
+    candidates = np.stack([
+        np.where(ends[..., k] >= 0,
+                 np.take_along_axis(np.asarray(means, dtype=np.float64),
+                                    np.maximum(ends[..., k], 0)[..., None], axis=-1)[..., 0],
+                 np.inf)
+        for k, means in enumerate(mean_exit_layers)], axis=-1)
+    sequence = candidates.argmin(axis=-1)
+    none = np.isinf(np.take_along_axis(candidates, sequence[..., None], axis=-1)[..., 0])
+    setting = np.take_along_axis(ends, sequence[..., None], axis=-1)[..., 0]
+    return np.where(none, -1, sequence), np.where(none, -1, setting)
+
+
+def examples_needed(risk: str, worse_rate: float, better_rate: float, max_risk: float, level: float,
+                    limit: int = 10**9) -> int | None:
+    """The fewest examples n with which losses at these rates (counts rounded to the nearest integer) would be
+    certified at ``level``; None when the rates' risk is at least ``max_risk`` (or n would exceed ``limit``)."""
+    if worse_rate - better_rate >= max_risk:
+        return None
+
+    def passes(n: int) -> bool:
+        return bool(risk_upper_bound(risk, round(worse_rate * n), round(better_rate * n), n, level) <= max_risk)
+
+    high = 1
+    while not passes(high):
+        if high >= limit:
+            return None
+        high = min(2 * high, limit)
+    low = high // 2  # fails (or 0); bisect for the first n that passes
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if passes(middle) else (middle, high)
+    return high
+
+
+def _knob_setting(template: ExitPolicy, knob: Knob, aggressiveness: float) -> ExitPolicy:
+    """``template`` with its continuous knob at ``aggressiveness``: 0 = the full-depth end of the knob's declared
+    range, 1 = its most aggressive end; exits come earlier as it grows."""
+    slow, fast = (knob.low, knob.high) if knob.faster_when == "higher" else (knob.high, knob.low)
+    return template.replace(**{knob.field: slow + aggressiveness * (fast - slow)})
+
+
+def certification_sequence(template: ExitPolicy, num_layers: int, num_labels: int,
+                           steps: int = SEQUENCE_STEPS) -> list[ExitPolicy]:
+    """The fixed order in which :func:`certify` tests the settings of ``template``'s knob, from the safest end to the
+    most aggressive, declared before any data is seen: every value of an integer knob, or ``steps`` equal steps
+    along a continuous knob's declared range (both ends included); the template alone if it has no knob."""
+    knob = template.knob(num_layers, num_labels)
+    if knob is None:
+        return [template]
+    if knob.integer:
+        values = range(int(knob.low), int(knob.high) + 1)
+        return [template.replace(**{knob.field: value})
+                for value in (reversed(values) if knob.faster_when == "lower" else values)]
+    return [_knob_setting(template, knob, step / steps) for step in range(steps + 1)]
+
+
+def certification_sequences(templates: Sequence[ExitPolicy], num_layers: int, num_labels: int,
+                            steps: int = SEQUENCE_STEPS) -> list[list[ExitPolicy]]:
+    """One sequence per template, in the templates' order; templates that differ only in their knob give the same
+    sequence and count once (each sequence costs the others level: δ is split evenly between them)."""
+    sequences: dict[tuple[ExitPolicy, ...], list[ExitPolicy]] = {}
+    for template in templates:
+        sequence = certification_sequence(template, num_layers, num_labels, steps)
+        sequences.setdefault(tuple(sequence), sequence)
+    return list(sequences.values())
+
+
+def certify(
+    templates: Sequence[ExitPolicy],
+    layer_logits: torch.Tensor,
+    labels: np.ndarray | None,
+    metric_fn: MetricFn | None,
+    main_metric: str | None,
+    max_risk: float,
+    delta: float = DEFAULT_DELTA,
+    risk: str = "disagreement",
+    tolerance: float | None = None,
+    steps: int = SEQUENCE_STEPS,
+) -> Calibration:
+    """Learn then Test's fixed-sequence testing (Angelopoulos, Bates, Candès, Jordan, Lei 2021), as CALM applies it
+    to early exit (Schuster et al. 2022): the fastest setting whose ``risk`` on new examples is at most ``max_risk``
+    (ε) with probability at least 1 − ``delta`` (δ) over the draw of these calibration examples.
+
+    Each template's knob gives a fixed sequence of settings from the safest to the most aggressive
+    (:func:`certification_sequence`); the settings are tested in that order, each at level δ / (number of
+    sequences), with "upper confidence bound of its risk <= ε" (:func:`risk_upper_bound`), and a sequence stops at
+    its first failure (:func:`fixed_sequence_end`). The answer is the certified setting with the lowest mean exit
+    layer here (:func:`most_aggressive`), or full depth (``budget(layer=L)``) when nothing passes; the certificate
+    then says how many examples a pass would need. Every setting of every sequence is replayed once; labels are
+    needed only for risk ``metric`` (and for the scores)."""
+    layer_logits = torch.as_tensor(layer_logits).float()
+    num_examples, num_layers, num_labels = layer_logits.shape
+    check_risk_request(risk, max_risk, delta, main_metric, num_labels, tolerance, labels is not None)
+    if not templates:
+        raise ValueError("certify needs at least one template")
+
+    def scored(policy: ExitPolicy) -> PolicyScore:
+        return score_policy(policy, layer_logits, labels, metric_fn if labels is not None else None)
+
+    full = scored(BudgetExit(layer=num_layers))
+    reference = full.metrics[main_metric] if full.metrics and main_metric else math.nan
+    sequences = certification_sequences(templates, num_layers, num_labels, steps)
+    level = delta / len(sequences)
+    replays = [[score_policy(policy, layer_logits, None, None) for policy in sequence] for sequence in sequences]
+    losses = [example_losses(risk, np.stack([score.predictions for score in scores]), full.predictions, labels,
+                             tolerance) for scores in replays]  # per sequence [G, N]
+    bounds = [risk_upper_bound(risk, (loss > 0).sum(-1), (loss < 0).sum(-1), num_examples, level) for loss in losses]
+    ends = np.array([fixed_sequence_end(bound, max_risk) for bound in bounds])
+    sequence, setting = (int(index) for index in most_aggressive(
+        ends, [np.array([score.avg_exit_layer for score in scores]) for scores in replays]))
+    common = {"risk": risk, "max_risk": max_risk, "delta": delta, "num_examples": num_examples,
+              "sequences": len(sequences), "level": level, "settings_certified": int((ends + 1).sum())}
+    if sequence < 0:
+        first_rates = [((loss[0] > 0).mean(), (loss[0] < 0).mean()) for loss in losses]
+        needed = [examples_needed(risk, worse, better, max_risk, level) for worse, better in first_rates]
+        certificate = Certificate(**common, certified=False, bound=0.0, observed_risk=0.0,
+                                  examples_needed=min((n for n in needed if n is not None), default=None),
+                                  examples_needed_without_loss=examples_needed(risk, 0.0, 0.0, max_risk, level))
+        return Calibration(full.policy, full, reference, False, certificate)
+    chosen = scored(sequences[sequence][setting])
+    certificate = Certificate(**common, certified=True, bound=float(bounds[sequence][setting]),
+                              observed_risk=float(losses[sequence][setting].mean()))
+    return Calibration(chosen.policy, chosen, reference, True, certificate)
 
 
 def calibrate(
     template: ExitPolicy,
     layer_logits: torch.Tensor,
-    labels: np.ndarray,
-    metric_fn: MetricFn,
-    main_metric: str,
+    labels: np.ndarray | None,
+    metric_fn: MetricFn | None,
+    main_metric: str | None,
     target_speedup: float | None = None,
     max_metric_drop: float | None = None,
     iterations: int = 40,
+    *,
+    delta: float = DEFAULT_DELTA,
+    risk: str = "disagreement",
+    tolerance: float | None = None,
+    steps: int = SEQUENCE_STEPS,
 ) -> Calibration:
     """Move the knob of ``template`` (:meth:`ExitPolicy.knob`) to meet a target on a calibration split.
 
-    * ``target_speedup``: the least-aggressive setting whose speed-up (L / mean exit layer) is >= the target.
-    * ``max_metric_drop``: the fastest setting whose main metric is >= full-depth metric − drop.
+    * ``target_speedup``: the least-aggressive setting whose speed-up (L / mean exit layer) here is >= the target
+      (a promise about speed, measured on these examples);
+    * ``max_metric_drop`` (ε): the setting :func:`certify` certifies: its ``risk`` (``disagreement`` with full depth,
+      or the accuracy drop for ``metric``) is at most ε on new examples with probability at least 1 − ``delta``;
+    * ``max_metric_drop`` with ``risk="empirical"``: the point estimate, the fastest setting whose main metric *here*
+      is >= full depth's − ε, with no promise about other examples.
 
-    A continuous knob (thresholds: DeeBERT entropy, max-prob, PCEE τ, ELBERT δ) is bisected, an integer knob
-    (patience, budget layer) scanned; the template's other fields are kept."""
+    For a target speed-up or the point estimate, a continuous knob (thresholds: DeeBERT entropy, max-prob, PCEE τ,
+    ELBERT δ) is bisected, an integer knob (patience, budget layer) scanned; the template's other fields are kept."""
     if (target_speedup is None) == (max_metric_drop is None):
         raise UserInputError("calibration needs exactly one of a target speed-up or a maximum metric drop")
+    if max_metric_drop is not None and risk != POINT_ESTIMATE:
+        return certify([template], layer_logits, labels, metric_fn, main_metric, max_metric_drop, delta, risk,
+                       tolerance, steps)
     if target_speedup is not None and not (target_speedup >= 1.0):
         raise UserInputError(f"target speed-up must be >= 1, got {target_speedup}")
     layer_logits = torch.as_tensor(layer_logits).float()
     num_layers, num_labels = layer_logits.shape[1], layer_logits.shape[2]
+    if max_metric_drop is not None:
+        check_risk_request(risk, max_metric_drop, delta, main_metric, num_labels, tolerance, labels is not None)
     reference = score_policy(BudgetExit(layer=num_layers), layer_logits, labels, metric_fn).metrics[main_metric]
 
     def meets(score: PolicyScore) -> bool:
@@ -182,11 +457,8 @@ def calibrate(
             best = max(meeting, key=lambda s: (s.speedup, s.metrics[main_metric]))
         return Calibration(best.policy, best, reference, True)
 
-    slow, fast = (knob.low, knob.high) if knob.faster_when == "higher" else (knob.high, knob.low)
-
     def at(aggressiveness: float) -> PolicyScore:
-        """0 = the full-depth end of the knob, 1 = the most aggressive end; speed-up grows with it."""
-        return score(template.replace(**{knob.field: slow + aggressiveness * (fast - slow)}))
+        return score(_knob_setting(template, knob, aggressiveness))
 
     if target_speedup is not None:
         # smallest aggressiveness that reaches the speed-up: the best score that meets the target
@@ -216,20 +488,30 @@ def calibrate(
 def choose_setting(
     templates: Sequence[ExitPolicy],
     layer_logits: torch.Tensor,
-    labels: np.ndarray,
-    metric_fn: MetricFn,
-    main_metric: str,
+    labels: np.ndarray | None,
+    metric_fn: MetricFn | None,
+    main_metric: str | None,
     target_speedup: float | None = None,
     max_metric_drop: float | None = None,
     iterations: int = 40,
+    *,
+    delta: float = DEFAULT_DELTA,
+    risk: str = "disagreement",
+    tolerance: float | None = None,
+    steps: int = SEQUENCE_STEPS,
 ) -> Calibration:
-    """Calibrate every template (:func:`calibrate`) and keep the best: among those meeting the target, the best
-    calibration score (then, for a speed-up target, the smaller speed-up; for a drop, the larger); if none meets it,
-    the fastest (speed-up target) or the best-scoring (drop). The templates are settings of one policy that differ in
-    what calibration does not move (PCEE's patience, ELBERT's window)."""
+    """One setting for several templates, settings of one policy that differ in what calibration does not move
+    (PCEE's patience, ELBERT's window). A certified drop (:func:`certify`) tests one sequence per template and keeps
+    the fastest certified setting. Otherwise every template is calibrated (:func:`calibrate`) and the best kept:
+    among those meeting the target, the best calibration score (then, for a speed-up target, the smaller speed-up;
+    for a drop, the larger); if none meets it, the fastest (speed-up target) or the best-scoring (drop)."""
     if not templates:
         raise ValueError("choose_setting needs at least one template")
-    results = [calibrate(t, layer_logits, labels, metric_fn, main_metric, target_speedup, max_metric_drop, iterations)
+    if max_metric_drop is not None and target_speedup is None and risk != POINT_ESTIMATE:
+        return certify(templates, layer_logits, labels, metric_fn, main_metric, max_metric_drop, delta, risk,
+                       tolerance, steps)
+    results = [calibrate(t, layer_logits, labels, metric_fn, main_metric, target_speedup, max_metric_drop, iterations,
+                         delta=delta, risk=risk, tolerance=tolerance, steps=steps)
                for t in templates]
     reached = [r for r in results if r.reached_target]
     speed_sign = -1 if target_speedup is not None else 1
@@ -247,27 +529,41 @@ class HeldOutCalibration:
 
     calibration: Calibration
     held_out: PolicyScore
+    held_out_risk: float | None = None  # a certified calibration's risk measured on the second half
 
 
 def calibrate_held_out(
     templates: Sequence[ExitPolicy],
     layer_logits: torch.Tensor,
-    labels: np.ndarray,
-    metric_fn: MetricFn,
-    main_metric: str,
+    labels: np.ndarray | None,
+    metric_fn: MetricFn | None,
+    main_metric: str | None,
     target_speedup: float | None = None,
     max_metric_drop: float | None = None,
     iterations: int = 40,
+    *,
+    delta: float = DEFAULT_DELTA,
+    risk: str = "disagreement",
+    tolerance: float | None = None,
+    steps: int = SEQUENCE_STEPS,
 ) -> HeldOutCalibration:
     """The matched-speed-up protocol: choose the setting on the first half (:func:`choose_setting`), report it on the
-    second half, so that the score is not measured on the examples that picked it."""
+    second half, so that the score is not measured on the examples that picked it. ``labels`` may be None for a
+    certified disagreement (scores then have no metrics)."""
     half = layer_logits.shape[0] // 2
     if half < 2:
         raise UserInputError("calibration needs at least 4 labelled eval examples")
-    chosen = choose_setting(templates, layer_logits[:half], labels[:half], metric_fn, main_metric, target_speedup,
-                            max_metric_drop, iterations)
-    held_out = score_policy(chosen.policy, layer_logits[half:], labels[half:], metric_fn)
-    return HeldOutCalibration(chosen, held_out)
+    first_labels, second_labels = (None, None) if labels is None else (labels[:half], labels[half:])
+    chosen = choose_setting(templates, layer_logits[:half], first_labels, metric_fn, main_metric, target_speedup,
+                            max_metric_drop, iterations, delta=delta, risk=risk, tolerance=tolerance, steps=steps)
+    second_metric_fn = metric_fn if labels is not None else None
+    held_out = score_policy(chosen.policy, layer_logits[half:], second_labels, second_metric_fn)
+    held_out_risk = None
+    if chosen.certificate is not None:
+        full = score_policy(BudgetExit(layer=layer_logits.shape[1]), layer_logits[half:], None, None)
+        held_out_risk = float(example_losses(risk, held_out.predictions, full.predictions, second_labels,
+                                             tolerance).mean())
+    return HeldOutCalibration(chosen, held_out, held_out_risk)
 
 
 # --------------------------------------------------------------------------------------------------------------------

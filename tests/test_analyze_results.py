@@ -65,7 +65,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 def test_writes_every_artefact(study: tuple[Path, dict]) -> None:
     results, _ = study
-    for name in ("tables.md", "claims.md", "summary.json"):
+    for name in ("tables.md", "claims.md", "calibration.md", "summary.json"):
         assert (results / name).stat().st_size > 0, name
     for name in ("SST-2_score_vs_speedup.png", "STS-B_score_vs_speedup.png", "SST-2_training_schemes.png"):
         assert (results / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
@@ -75,6 +75,9 @@ def test_writes_every_artefact(study: tuple[Path, dict]) -> None:
                     "PCEE-BERT against PABEE at PABEE's own speed-ups",
                     "STS-B: PABEE with regression thresholds", "Overthinking", "Which target speed-ups"):
         assert heading in tables, heading
+    calibration = (results / "calibration.md").read_text()
+    for heading in ("## Headline", "### SST-2", "### STS-B", "fastest certified, disagreement"):
+        assert heading in calibration, heading
     claims = (results / "claims.md").read_text()
     for claim in ("PABEE: exits at every layer cost the final layer nothing (linear head)",
                   "DeeBERT: ~40 % of the layers saved", "ELBERT: at least 2× with negligible loss",
@@ -302,3 +305,25 @@ def test_the_committed_study_verdicts_follow_their_stated_rules() -> None:
     """The same recomputation on the study committed in results/ (the numbers the README quotes)."""
     summary = json.loads((ROOT / "results" / "summary.json").read_text())
     assert _check_verdicts(summary) >= 30
+
+
+def test_the_committed_certificates_hold(study: tuple[Path, dict]) -> None:
+    """results/calibration.md's numbers: on every task, policy and ε of the committed study (and of the synthetic one),
+    at least 200 halvings, and the certified risk exceeds ε on the whole dev set, the population the halves are drawn
+    from, in at most a fraction δ of them (within binomial slack)."""
+    from scipy.stats import binom
+
+    synthetic, _ = study
+    for results in (ROOT / "results", synthetic):
+        summary = json.loads((results / "summary.json").read_text())
+        checked = 0
+        for numbers in summary["tasks"].values():
+            control = numbers["risk_control"]
+            assert control["halvings_per_seed"] * len(control["seeds"]) >= 200 or results == synthetic
+            tables = [control["policies"]] + [control[key] for key in control if key.startswith("deebert2")]
+            for methods in (methods for table in tables for methods in table.values()):
+                for method in ("disagreement", "metric"):
+                    for cell in methods.get(method, {}).values():
+                        assert cell["risk_dev"] <= binom.ppf(0.999, cell["splits"], control["delta"]), cell
+                        checked += 1
+        assert checked >= 20

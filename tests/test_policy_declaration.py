@@ -1,6 +1,7 @@
 """A policy is one class: a toy policy defined in this file only is swept by the runner (its flags appear, comma lists
-sweep it, --sweep_default_grids and --calibrate_speedup pick it up), replayed, calibrated and plotted, with no change
-anywhere else. The class-level declarations of the real policies are checked too."""
+sweep it, --sweep_default_grids and --calibrate_speedup pick it up), replayed, calibrated (to a speed-up, and certified
+for a drop) and plotted, with no change anywhere else. The class-level declarations of the real policies are checked
+too."""
 
 from __future__ import annotations
 
@@ -66,6 +67,11 @@ def test_toy_policy_through_replay_calibration_and_plot(toy_policy: type[ExitPol
     result = calibrate(toy_policy(), layer_logits, labels, accuracy, "acc", target_speedup=1.5)
     assert result.reached_target and result.calibration_score.speedup >= 1.5
     assert result.policy.name == "toy_class_zero" and 0.0 < result.policy.threshold < 1.0
+    # certified along the declared knob, from its full-depth end (threshold 1) down
+    certified = calibrate(toy_policy(), layer_logits, labels, accuracy, "acc", max_metric_drop=0.1)
+    assert certified.certificate.certified and certified.certificate.sequences == 1
+    assert certified.policy.name == "toy_class_zero" and certified.certificate.bound <= 0.1
+    assert certified.calibration_score.speedup > 1.0
     path = tmp_path / "plot.png"
     plot_score_vs_speedup(curves_from_scores(scores, "acc"), str(path), "acc")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -20,6 +20,7 @@ from multiexit.policies import (
     replay,
 )
 from multiexit.replay import (
+    POINT_ESTIMATE,
     calibrate,
     calibrate_held_out,
     choose_setting,
@@ -238,6 +239,8 @@ def test_calibrate_target_speedup_integer_knob(cache, template) -> None:
         assert result.calibration_score.speedup == speedups[1 if target <= speedups[1] else -1]  # least aggressive
 
 
+# a drop as the point estimate (risk="empirical") measures it, on the calibration examples themselves; the certified
+# drop is tested in tests/test_certified_calibration.py
 @pytest.mark.parametrize(
     "template",
     [t for t, _, _ in KNOB_TEMPLATES] + [PatienceExit(patience=3), BudgetExit(layer=6)],
@@ -246,7 +249,7 @@ def test_calibrate_target_speedup_integer_knob(cache, template) -> None:
 @pytest.mark.parametrize("drop", [0.0, 0.03, 0.1])
 def test_calibrate_max_metric_drop(cache, template, drop: float) -> None:
     layer_logits, labels = cache
-    result = calibrate(template, layer_logits, labels, accuracy, "acc", max_metric_drop=drop)
+    result = calibrate(template, layer_logits, labels, accuracy, "acc", max_metric_drop=drop, risk=POINT_ESTIMATE)
     reference = score_policy(BudgetExit(layer=NUM_LAYERS), layer_logits, labels, accuracy).metrics["acc"]
     assert result.reference_metric == reference
     if template.name == "elbert":
@@ -264,8 +267,10 @@ def test_calibrate_max_metric_drop(cache, template, drop: float) -> None:
 
 def test_calibrate_max_metric_drop_buys_speed(cache) -> None:
     layer_logits, labels = cache
-    tight = calibrate(EntropyExit(threshold=0.1), layer_logits, labels, accuracy, "acc", max_metric_drop=0.0)
-    loose = calibrate(EntropyExit(threshold=0.1), layer_logits, labels, accuracy, "acc", max_metric_drop=0.2)
+    tight = calibrate(EntropyExit(threshold=0.1), layer_logits, labels, accuracy, "acc", max_metric_drop=0.0,
+                      risk=POINT_ESTIMATE)
+    loose = calibrate(EntropyExit(threshold=0.1), layer_logits, labels, accuracy, "acc", max_metric_drop=0.2,
+                      risk=POINT_ESTIMATE)
     assert loose.calibration_score.speedup > 1.0
     assert loose.calibration_score.speedup >= tight.calibration_score.speedup
 
@@ -280,7 +285,7 @@ def test_calibrate_unreachable_targets(cache, template) -> None:
     too_fast = calibrate(template, layer_logits, labels, accuracy, "acc", target_speedup=NUM_LAYERS + 1.0)
     assert too_fast.reached_target is False
     assert too_fast.calibration_score.speedup < NUM_LAYERS + 1.0
-    too_good = calibrate(template, layer_logits, labels, accuracy, "acc", max_metric_drop=-0.5)
+    too_good = calibrate(template, layer_logits, labels, accuracy, "acc", max_metric_drop=-0.5, risk=POINT_ESTIMATE)
     assert too_good.reached_target is False
 
 

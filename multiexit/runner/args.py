@@ -21,6 +21,7 @@ from multiexit.io import list_checkpoints
 from multiexit.modeling import EXIT_HEAD_TYPES, EXIT_POOLINGS, LOSS_WEIGHTINGS
 from multiexit.models import MODEL_CLASSES
 from multiexit.policies import POLICIES, ExitPolicy, parse_list
+from multiexit.replay import DEFAULT_DELTA, POINT_ESTIMATE, RISKS
 from multiexit.runner.loading import PACKAGED_MODEL
 
 logger = logging.getLogger("run_glue_with_exits")
@@ -167,7 +168,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             help="target speed-ups (L/avg exit), list: pick each policy's setting on a held-out "
                             "half of the eval set and report it on the other half")
     evaluation.add_argument("--calibrate_max_drop", default=None,
-                            help="maximum drop of the main metric (absolute, e.g. 0.01), list")
+                            help="certified calibration (docs/calibration.md), list of ε (e.g. 0.01): each policy's "
+                            "fastest setting whose risk (--calibrate_risk) on new examples is at most ε with "
+                            "probability >= 1 - δ (--calibrate_delta), chosen on the first half of the eval set and "
+                            "reported on the other half")
+    evaluation.add_argument("--calibrate_delta", type=float, default=DEFAULT_DELTA,
+                            help="δ: the probability that a --calibrate_max_drop certificate fails (default 0.1)")
+    evaluation.add_argument("--calibrate_risk", default="disagreement", choices=(*RISKS, POINT_ESTIMATE),
+                            help="what --calibrate_max_drop bounds: disagreement (default: the fraction of answers "
+                            "that differ from full depth; needs no labels, bounds the accuracy drop, any task), metric "
+                            "(the accuracy drop; accuracy tasks), or empirical (the uncertified point estimate: the "
+                            "drop of the main metric on the first half only, no guarantee)")
+    evaluation.add_argument("--calibrate_tolerance", type=float, default=None,
+                            help="regression tasks: answers 'disagree' with full depth when they differ by more than "
+                            "this (needed by --calibrate_risk disagreement)")
     evaluation.add_argument("--save_layer_logits", action="store_true", help="write the [N, L, C] cache as .npy")
     add_policy_flags(parser)
     return parser.parse_args(argv)
@@ -243,6 +257,9 @@ def check_args(args: argparse.Namespace) -> None:
     for value in parse_list("--calibrate_max_drop", args.calibrate_max_drop, float):
         if not 0 <= value <= 1:
             raise UserInputError(f"--calibrate_max_drop: a drop of the main metric is in [0, 1], got {value}")
+    if not 0 < args.calibrate_delta < 1:
+        raise UserInputError(f"--calibrate_delta: the probability that a certificate fails is in (0, 1), got "
+                             f"{args.calibrate_delta}")
     during_training = [flag for flag, given in (("--evaluate_during_training", args.evaluate_during_training),
                                                 ("--eval_after_first_stage", args.eval_after_first_stage)) if given]
     if args.do_train and args.eval_split == "test" and during_training:

@@ -221,8 +221,12 @@ def _setting_text(row: dict) -> str:
 def _mode_text(row: dict) -> str:
     if "calibration" not in row:
         return row["mode"]
-    target = ", ".join(f"{key} {value}" for key, value in row["calibration"].items()
-                       if key in ("target_speedup", "max_metric_drop"))
+    calibration = row["calibration"]
+    target = ", ".join(f"{key} {value}" for key, value in calibration.items()
+                       if key in ("target_speedup", "max_metric_drop", "risk", "delta"))
+    if "certified" in calibration:
+        target += (f", {calibration['calibrated_policy']} certified: bound {calibration['bound']:.4f}"
+                   if calibration["certified"] else f", nothing certified for {calibration['calibrated_policy']}")
     return f"{row['mode']}, calibrated for {target} (scored on the second half: {row['num_examples']} examples)"
 
 
@@ -302,6 +306,9 @@ def evaluate_checkpoint(args, accelerator, task: TaskSpec, checkpoint: str, mode
     results = dict(per_layer[-1].metrics) if per_layer else {}
     for record in setting_records:
         label = POLICIES[record["policy"]](**record["params"]).label()
+        calibrated = record.get("calibration", {}).get("calibrated_policy", record["policy"])
+        if calibrated != record["policy"]:  # a policy certified nothing and answers at full depth
+            label = f"{calibrated}:{label}"
         if "calibration" in record:
             label += "_calibrated_" + "_".join(f"{key}={value}" for key, value in record["calibration"].items()
                                                if key in ("target_speedup", "max_metric_drop"))
@@ -382,10 +389,12 @@ def calibration_records(args, task: TaskSpec, layer_logits: torch.Tensor, labels
                         metric_fn: MetricFn, requested: list[ExitPolicy], writer: ResultWriter) -> list[dict]:
     """For every policy, the setting chosen on the first half of the eval set for each target, reported on the
     second half (:func:`multiexit.replay.calibrate_held_out`). The templates are the requested settings of the policy,
-    or the ones it declares."""
+    or the ones it declares. A drop is certified (:func:`multiexit.replay.certify`) unless --calibrate_risk is the
+    point estimate; its record carries the certificate and the risk measured on the second half."""
     num_layers, num_labels = layer_logits.shape[1], layer_logits.shape[2]
     targets = [("target_speedup", v) for v in parse_list("--calibrate_speedup", args.calibrate_speedup, float)]
     targets += [("max_metric_drop", v) for v in parse_list("--calibrate_max_drop", args.calibrate_max_drop, float)]
+    risk = {"delta": args.calibrate_delta, "risk": args.calibrate_risk, "tolerance": args.calibrate_tolerance}
     half = layer_logits.shape[0] // 2
     records = []
     for cls in POLICIES.values():
@@ -393,14 +402,22 @@ def calibration_records(args, task: TaskSpec, layer_logits: torch.Tensor, labels
         if not templates:
             continue
         for kind, value in targets:
-            result = calibrate_held_out(templates, layer_logits, labels, metric_fn, task.main_metric, **{kind: value})
+            result = calibrate_held_out(templates, layer_logits, labels, metric_fn, task.main_metric, **{kind: value},
+                                        **(risk if kind == "max_metric_drop" else {}))
             chosen = result.calibration
-            extra = {"calibration": {kind: value, "reached_on_calibration_half": chosen.reached_target,
-                                     "calibration_speedup": chosen.calibration_score.speedup,
-                                     "calibration_metrics": chosen.calibration_score.metrics,
-                                     "evaluated_on": "second half of the eval set"}}
+            calibration = {kind: value, "reached_on_calibration_half": chosen.reached_target,
+                           "calibration_speedup": chosen.calibration_score.speedup,
+                           "calibration_metrics": chosen.calibration_score.metrics,
+                           "evaluated_on": "second half of the eval set"}
+            if chosen.certificate is not None:
+                calibration.update(calibrated_policy=cls.name, **chosen.certificate.summary(),
+                                   held_out_risk=result.held_out_risk)
+            elif kind == "max_metric_drop":
+                calibration["risk"] = args.calibrate_risk
+            # a policy left at full depth answers as budget(layer=L): its own folder, beside other policies' own
+            variant = f"_calibrated_{kind}-{value:g}" + ("" if chosen.policy.name == cls.name else f"_{cls.name}")
             records.append(writer.record(result.held_out, "replay", labels=labels[half:], first_index=half,
-                                         variant=f"_calibrated_{kind}-{value:g}", **extra))
+                                         variant=variant, calibration=calibration))
     return records
 
 

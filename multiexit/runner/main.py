@@ -31,6 +31,8 @@ from multiexit.errors import (
     WriteError,
 )
 from multiexit.io import list_checkpoints, make_folder
+from multiexit.policies import parse_list
+from multiexit.replay import check_risk_request
 from multiexit.runner.args import apply_seed_conventions, check_args, parse_args, policies_from_args, warn_unused_flags
 from multiexit.runner.evaluation import RESULTS_FILE, checkpoint_label, evaluate_checkpoint, per_layer_callback
 from multiexit.runner.loading import (
@@ -70,6 +72,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     check_args(args)
     task = get_task(args.task_name)
+    for drop in parse_list("--calibrate_max_drop", args.calibrate_max_drop, float):  # what the risk needs of the task
+        try:
+            check_risk_request(args.calibrate_risk, drop, args.calibrate_delta, task.main_metric, task.num_labels,
+                               args.calibrate_tolerance)
+        except UserInputError as error:
+            raise UserInputError(f"--calibrate_max_drop {drop:g} --calibrate_risk {args.calibrate_risk}: "
+                                 f"{error}") from None
     requested = policies_from_args(args)
     accelerator = make_accelerator(args)
     apply_seed_conventions(args)  # after logging is set up: it says what it implies
