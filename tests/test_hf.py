@@ -225,9 +225,10 @@ def splitting_policy(model, tok, texts: list[str]) -> MaxProbExit:  # noqa: ANN0
 
 
 def expected_answer(model, inputs: dict, policy) -> list[dict]:  # noqa: ANN001
-    """Each row's label, score and exit layer from the model's own early exit."""
-    output = model.early_exit(**inputs, policy=policy)
-    probabilities = torch.softmax(output.logits.float(), dim=-1)
+    """Each row's label, score and exit layer from the model's own early exit (on the model's device: HF's pipeline
+    moves a torch model to the first GPU where there is one)."""
+    output = model.early_exit(**{key: value.to(model.device) for key, value in inputs.items()}, policy=policy)
+    probabilities = torch.softmax(output.logits.float().cpu(), dim=-1)
     return [{"label": model.config.id2label[int(row.argmax())], "score": pytest.approx(float(row.max()), abs=1e-6),
              "exit_layer": int(layer)} for row, layer in zip(probabilities, output.exit_layers)]
 

@@ -250,8 +250,8 @@ def model_card(folder: str, model_name: str | None = None) -> str | None:
         lines.append(f"- inputs: at most {max_length} tokens (longer ones truncated), in training and evaluation")
     if training_args:
         lines += ["", "## Training hyperparameters", ""]
-        lines += [f"- {name}: {training_args[name]}" for name in HYPERPARAMETERS
-                  if training_args.get(name) not in (None, False, -1)]
+        lines += [f"- {name}: {training_args[name]}" for name in HYPERPARAMETERS  # those given a value
+                  if training_args.get(name) not in (None, False, 0, -1)]
     lines += ["", "## Evaluation", ""]
     if records:
         calibrated = any("calibration" in record for record in records)
