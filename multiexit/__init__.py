@@ -15,6 +15,14 @@ Where things are (each module has one job):
 * :mod:`multiexit.tiny` — tiny random configs and models for tests, benchmarks and examples;
 * :mod:`multiexit.runner` — the command-line runner (``run_glue_with_exits.py``).
 
+* :mod:`multiexit.hf` — the early-exit pipeline task and a ``Trainer`` metric for every exit.
+
 The design card's top-level files (``run_glue_with_exits.py``, ``modeling_multiexit_bert.py``,
 ``modeling_multiexit_albert.py``, ``exit_policies.py``) are this package's public faces: each names what it exports.
+
+Importing the package (any module of it) registers the multi-exit configs and models with HF's ``AutoConfig`` and
+``AutoModelForSequenceClassification`` and the pipeline task ``early-exit-text-classification``, so that a saved
+multi-exit checkpoint loads through HF's own entry points.
 """
+
+from multiexit import albert, bert, hf  # noqa: F401 - imported for their registrations with transformers

@@ -2,7 +2,8 @@
 
 ALBERT shares its layer weights: depth i runs layer group ``int(i / (L / G))`` (G = ``num_hidden_groups``), as
 the stock ``AlbertTransformer`` does, while every depth gets its own exit head. The layer loop, heads and losses
-live in :mod:`multiexit.modeling`.
+live in :mod:`multiexit.modeling`. Its config is ALBERT's with its own ``model_type`` (``multiexit_albert``),
+registered with HF's ``AutoConfig`` and ``AutoModelForSequenceClassification`` when this module is imported.
 """
 
 from __future__ import annotations
@@ -11,16 +12,25 @@ import torch
 from torch import nn
 from transformers import AlbertConfig, AlbertModel, AlbertPreTrainedModel
 
-from multiexit.modeling import MultiExitMixin
+from multiexit.modeling import MultiExitConfigMixin, MultiExitMixin, register_auto_classes
 
 __all__ = [
+    "MultiExitAlbertConfig",
     "MultiExitAlbertForSequenceClassification",
 ]
+
+
+class MultiExitAlbertConfig(MultiExitConfigMixin, AlbertConfig):
+    """``AlbertConfig`` of a multi-exit ALBERT (exit settings: see :mod:`multiexit.modeling`)."""
+
+    model_type = "multiexit_albert"
+    backbone_model_type = "albert"
 
 
 class MultiExitAlbertForSequenceClassification(MultiExitMixin, AlbertPreTrainedModel):
     """ALBERT with an exit after each depth. Default exits: PABEE's Linear heads on ALBERT's pretrained pooler."""
 
+    config_class = MultiExitAlbertConfig
     default_exit_head_type = "shared_pooler"
 
     def __init__(self, config: AlbertConfig, **exit_settings: object) -> None:
@@ -48,3 +58,6 @@ class MultiExitAlbertForSequenceClassification(MultiExitMixin, AlbertPreTrainedM
 
     def _pretrained_pooler(self) -> nn.Linear:
         return self.albert.pooler  # AlbertModel: this pooler, then pooler_activation, Tanh
+
+
+register_auto_classes(MultiExitAlbertConfig, MultiExitAlbertForSequenceClassification)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from multiexit.modeling import backbone_model_type
 from multiexit.policies import ExitTracker
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512)
@@ -61,7 +62,7 @@ class ExitGraphs:
     def __init__(self, model: torch.nn.Module, buckets: tuple[int, ...] = DEFAULT_BUCKETS,
                  capture: bool | None = None) -> None:
         positions = getattr(model.config, "max_position_embeddings", max(buckets))
-        if model.config.model_type == "roberta":  # RoBERTa counts positions from padding_idx + 1
+        if backbone_model_type(model.config) == "roberta":  # RoBERTa counts positions from padding_idx + 1
             positions -= model.config.pad_token_id + 1
         self.buckets = sorted({min(b, positions) for b in buckets} | {positions})
         self.model = model

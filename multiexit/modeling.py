@@ -32,13 +32,15 @@ Exit settings are config attributes (saved with ``save_pretrained``):
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
+from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig
 from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import ModelOutput
@@ -98,17 +100,78 @@ def configure_exits(config: PretrainedConfig, default_head_type: str) -> None:
         )
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Configs and HF's Auto classes
+# --------------------------------------------------------------------------------------------------------------------
+
+# The file save_pretrained writes beside the weights for ``trust_remote_code`` loading (multiexit/remote_code.py,
+# copied verbatim), and the name config.json's ``auto_map`` gives it.
+REMOTE_CODE_MODULE = "modeling_multiexit"
+
+
+class MultiExitConfigMixin:
+    """What a multi-exit config adds to its backbone's config (``MultiExitBertConfig(MultiExitConfigMixin,
+    BertConfig)``): its own ``model_type`` (``multiexit_bert``; the backbone's is ``backbone_model_type``), under which
+    HF's Auto classes find the multi-exit model, and ``keys_to_ignore_at_inference``, the outputs HF's ``Trainer``
+    must not gather as predictions (layer first, or one value per batch). It adds no field: the exit settings stay
+    plain attributes, set by the model (:func:`configure_exits`).
+
+    A checkpoint of the backbone itself (``model_type: "bert"``: a stock pretrained model, or a multi-exit one saved
+    before these classes existed) reads as a multi-exit config without the warning HF gives for another type."""
+
+    model_type: ClassVar[str]
+    backbone_model_type: ClassVar[str]
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["all_logits", "layer_losses"]
+
+    @classmethod
+    def get_config_dict(cls, *args: object, **kwargs: object) -> tuple[dict, dict]:
+        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
+        if config_dict.get("model_type") == cls.backbone_model_type:
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict, kwargs
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str = "AutoConfig") -> None:
+        """Kept a no-op: config.json's ``auto_map`` always names :data:`REMOTE_CODE_MODULE`, which imports this class
+        from the installed package. HF's default would make every later save copy the module defining the class
+        (multiexit/bert.py) beside the weights and point ``auto_map`` at that copy instead; HF calls it when a
+        checkpoint is loaded with ``trust_remote_code=True``."""
+
+
+def backbone_model_type(config: PretrainedConfig) -> str:
+    """The backbone's ``model_type`` (bert, roberta, albert) of a multi-exit config, or of a stock one."""
+    return getattr(config, "backbone_model_type", config.model_type)
+
+
+def takes_segment_ids(config: PretrainedConfig) -> bool:
+    """Whether inputs carry segment ids (0 for the first text, 1 for the second): where the model has segment
+    embeddings (BERT, ALBERT: ``type_vocab_size`` 2; RoBERTa: 1, which the seeds feed none), whatever a tokenizer
+    returns by default (ALBERT's returns none in transformers 5, where the seeds feed ALBERT segment ids)."""
+    return getattr(config, "type_vocab_size", 1) > 1
+
+
+def register_auto_classes(config_class: type[PretrainedConfig], model_class: type) -> None:
+    """Make ``AutoConfig`` and ``AutoModelForSequenceClassification`` load a checkpoint of ``config_class``'s
+    ``model_type`` as ``model_class`` (done when :mod:`multiexit.bert` and :mod:`multiexit.albert` are imported)."""
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModelForSequenceClassification.register(config_class, model_class, exist_ok=True)
+
+
 @dataclass
 class MultiExitOutput(ModelOutput):
     """``all_logits`` is [num_layers, batch, num_labels]; ``logits`` is the last layer's. ``layer_losses`` [L]
     are the unweighted per-exit losses (handy for logging). ``hidden_states`` has the embedding output followed by
-    every layer's output, as in HF, when asked for."""
+    every layer's output, as in HF, when asked for. ``exit_logits`` is ``all_logits`` batch first, [batch, L,
+    num_labels] (a view, no copy): what HF's ``Trainer`` gathers across batches, while the layer-first
+    ``all_logits`` and the per-batch ``layer_losses`` are in the config's ``keys_to_ignore_at_inference``. It comes
+    last so that the tuple positions of the fields before it stay what they were."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     all_logits: torch.Tensor | None = None
     layer_losses: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    exit_logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -286,10 +349,14 @@ def fixed_loss_weights(weighting: str, num_layers: int) -> torch.Tensor:
 
 
 class MultiExitMixin:
-    """Shared multi-exit behaviour. Must come before the HF ``*PreTrainedModel`` in the bases."""
+    """Shared multi-exit behaviour. Must come before the HF ``*PreTrainedModel`` in the bases; the model's
+    ``config_class`` is its :class:`MultiExitConfigMixin` config."""
 
     config: PretrainedConfig
     default_exit_head_type: str = "shared_pooler"
+    # HF's Trainer passes ``num_items_in_batch`` to a forward that takes **kwargs and then leaves the loss unscaled by
+    # gradient accumulation, trusting the model to normalise it; this loss is a mean per batch like any other
+    accepts_loss_kwargs = False
 
     # ---- what a model supplies (the defaults fit BERT-style encoders: embeddings + encoder.layer) -----------------
     def _backbone(self) -> nn.Module:
@@ -327,6 +394,7 @@ class MultiExitMixin:
     def _init_exits(self, dropout: float, exit_settings: dict[str, object]) -> None:
         """Build one exit head per layer (and ELBERT's weights) from the config's exit settings, after applying
         those given to the constructor (``from_pretrained(..., exit_loss_weighting="learned")``)."""
+        self._adopt_config()
         set_exit_settings(self.config, **exit_settings)
         configure_exits(self.config, self.default_exit_head_type)
         head_class = EXIT_HEAD_CLASSES[self.config.exit_head_type]
@@ -339,6 +407,39 @@ class MultiExitMixin:
             else None
         )
         self.set_training_stage("joint")
+
+    def _adopt_config(self) -> None:
+        """Make the config this model's multi-exit config, as the constructor already writes its exit settings into
+        it: a stock config of the backbone (``BertConfig``, as :func:`multiexit.tiny.tiny_config` builds) becomes an
+        instance of the subclass (same object, same values: the subclass adds no field), so that the model saves as
+        a multi-exit checkpoint. ``auto_map`` names the code :meth:`save_pretrained` writes beside the weights."""
+        config_class = type(self).config_class
+        stock_class = type(self.config)
+        if stock_class is not config_class and issubclass(config_class, stock_class) \
+                and stock_class.model_type == config_class.backbone_model_type:
+            self.config.__class__ = config_class
+        self.config.auto_map = {
+            "AutoConfig": f"{REMOTE_CODE_MODULE}.{type(self.config).__name__}",
+            "AutoModelForSequenceClassification": f"{REMOTE_CODE_MODULE}.{type(self).__name__}",
+        }
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: object, is_main_process: bool = True,
+                        **kwargs: object) -> None:
+        """HF's ``save_pretrained``, with :data:`REMOTE_CODE_MODULE` written beside config.json, so that the folder
+        (or its copy on the hub) loads through the Auto classes with ``trust_remote_code=True`` wherever this package
+        is installed, without importing it first. Written before the weights, so that ``push_to_hub=True``
+        uploads it too."""
+        if is_main_process:
+            from multiexit import remote_code
+
+            os.makedirs(save_directory, exist_ok=True)
+            shutil.copyfile(remote_code.__file__, os.path.join(save_directory, f"{REMOTE_CODE_MODULE}.py"))
+        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str = "AutoModel") -> None:
+        """A no-op, as :meth:`MultiExitConfigMixin.register_for_auto_class` (HF calls it when a checkpoint is loaded
+        with ``trust_remote_code=True``)."""
 
     @classmethod
     def from_pretrained(cls, *args: object, **kwargs: object):  # noqa: ANN206 - the model, or (model, loading info)
@@ -601,6 +702,7 @@ class MultiExitMixin:
             all_logits=all_logits,
             layer_losses=layer_losses,
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            exit_logits=all_logits.transpose(0, 1),
         )
         return output if return_dict is not False else output.to_tuple()
 

@@ -65,7 +65,7 @@ def test_hf_pabee_test_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     result = run_with_argv(testargs)
     assert_metrics(result, {"acc", "f1", "acc_and_f1"})
     config = json.loads((tmp_dir / "config.json").read_text())
-    assert config["model_type"] == "albert" and config["exit_loss_weighting"] == "weighted"  # PABEE's loss
+    assert config["model_type"] == "multiexit_albert" and config["exit_loss_weighting"] == "weighted"  # PABEE's loss
 
 
 def test_pabee_readme_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -139,6 +139,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--no_cuda", action="store_true")
     train.add_argument("--local_rank", type=int, default=-1, help="set by launchers; accelerate handles it")
 
+    hub = parser.add_argument_group("Hugging Face hub")
+    hub.add_argument("--push_to_hub", action="store_true",
+                     help="upload the model in --output_dir with its model card (README.md) at the end; the token is "
+                          "huggingface_hub's (hf auth login, or HF_TOKEN)")
+    hub.add_argument("--hub_model_id", default=None,
+                     help="the hub repository to push to (namespace/name; default: --output_dir's folder name)")
+
     evaluation = parser.add_argument_group("evaluation and exit policies (comma lists sweep several settings)")
     evaluation.add_argument("--do_eval", action="store_true")
     evaluation.add_argument("--per_gpu_eval_batch_size", "--per_device_eval_batch_size", type=int, default=32,

@@ -15,7 +15,7 @@ from transformers import PretrainedConfig
 
 from multiexit.data import TaskSpec, build_features, read_examples, trained_on_another_task
 from multiexit.errors import UserInputError
-from multiexit.modeling import DEFAULT_EXIT_POOLING
+from multiexit.modeling import DEFAULT_EXIT_POOLING, backbone_model_type, takes_segment_ids
 from multiexit.models import MODEL_CLASSES
 
 logger = logging.getLogger("run_glue_with_exits")
@@ -62,8 +62,9 @@ def load_config(args: argparse.Namespace, task: TaskSpec, path: str):  # noqa: A
         ) from None
     if os.path.isdir(path):
         check_weights_file(path)
-    if config.model_type != args.model_type:
-        raise UserInputError(f"{path} is a '{config.model_type}' checkpoint but --model_type is '{args.model_type}'")
+    if backbone_model_type(config) != args.model_type:
+        raise UserInputError(f"{path} is a '{backbone_model_type(config)}' checkpoint but --model_type is "
+                             f"'{args.model_type}'")
     is_multi_exit = getattr(config, "exit_head_type", None) is not None
     if is_multi_exit and config.num_labels != task.num_labels:
         raise UserInputError(
@@ -237,12 +238,12 @@ def load_features(args: argparse.Namespace, task: TaskSpec, tokenizer: object, e
                   config: PretrainedConfig, main_process: bool = True) -> datasets.Dataset:
     """Tokenised ``examples``, cached under <output_dir>/.feature_cache (--overwrite_cache: tokenised again and the
     cache rewritten, by the main process only: the others run after it and read what it wrote, instead of each
-    rewriting the file the ones before them read). Segment ids go with the model's need for them (BERT, ALBERT:
-    ``type_vocab_size`` 2; RoBERTa: 1, which the seeds feed none), whatever the tokenizer returns by default."""
-    segments = getattr(config, "type_vocab_size", 1) > 1
+    rewriting the file the ones before them read). Segment ids go with the model's need for them
+    (:func:`multiexit.modeling.takes_segment_ids`), whatever the tokenizer returns by default."""
     return build_features(examples, tokenizer, args.max_seq_length, task,
                           cache_dir=os.path.join(args.output_dir, ".feature_cache"),
-                          token_type_ids=segments, overwrite_cache=args.overwrite_cache and main_process)
+                          token_type_ids=takes_segment_ids(config),
+                          overwrite_cache=args.overwrite_cache and main_process)
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

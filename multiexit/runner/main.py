@@ -35,6 +35,7 @@ from multiexit.policies import parse_list
 from multiexit.replay import check_risk_request
 from multiexit.runner.args import apply_seed_conventions, check_args, parse_args, policies_from_args, warn_unused_flags
 from multiexit.runner.evaluation import RESULTS_FILE, checkpoint_label, evaluate_checkpoint, per_layer_callback
+from multiexit.runner.hub import create_hub_repo, finish_model_folder
 from multiexit.runner.loading import (
     check_heldout_is_unseen,
     load_config,
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                              f"set and score it on the other: that needs at least 4 labelled examples, the "
                              f"{args.eval_split} split has {labelled}")
     train_examples = read_split(args, task, "train", args.max_train_samples) if args.do_train else None
+    hub_repo = create_hub_repo(args, accelerator.is_main_process)  # last: no empty repository for a local mistake
     make_folder(args.output_dir)
 
     # data: tokenised once (the main process writes the feature cache, the others then read it)
@@ -147,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             results.update({f"{key}_{step}" if len(checkpoints) > 1 else key: value for key, value in result.items()})
         if accelerator.is_main_process:
             logger.info("results appended to %s", os.path.join(args.output_dir, RESULTS_FILE))
+    finish_model_folder(args, accelerator.is_main_process, hub_repo)  # the model card, and --push_to_hub
     return results
 
 
