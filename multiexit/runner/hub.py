@@ -155,8 +155,10 @@ def _base_model(training_args: dict) -> str | None:
 
 
 def _example_policy(records: list[dict], num_labels: int) -> ExitPolicy:
-    """The policy of the card's usage example: the first calibrated setting where the evaluation chose one."""
-    calibrated = [record for record in records if "calibration" in record]
+    """The policy of the card's usage example: the first calibrated setting where the evaluation chose one (a drop
+    calibration that certified nothing answers at full depth: not an example of early exit)."""
+    calibrated = [record for record in records
+                  if "calibration" in record and record["calibration"].get("certified", True)]
     if calibrated:
         return POLICIES[calibrated[0]["policy"]](**calibrated[0]["params"])
     return PatienceExit(patience=2, regression_threshold=0.1 if num_labels == 1 else None)
