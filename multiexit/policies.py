@@ -86,9 +86,9 @@ __all__ = [
 #
 # Each rule (a policy's ``init_state`` and ``step``) is written once against the small vocabulary below and runs on
 # either backend: ``TensorOps`` for a batch of rows (replay, batched early exit) and ``RowOps`` for the one row of
-# batch size 1, in plain Python floats, so that a decision costs microseconds, not the tens of microseconds of a
-# dozen tiny tensor operations. Python's arithmetic and comparison operators (``+``, ``<``, ``==``, ``&``, ``|``,
-# ``abs``) work the same on both. Both backends compute in float64 with the same operations in the same order, and
+# batch size 1, in plain Python floats, so that a decision costs a few float operations instead of a dozen tiny
+# tensor operations, each of which has a fixed dispatch cost. Python's arithmetic and comparison operators (``+``,
+# ``<``, ``==``, ``&``, ``|``, ``abs``) work the same on both. Both backends compute in float64 with the same operations in the same order, and
 # with the same exp and log (Python's ``math``, element by element, also for tensors): so they give bit-identical
 # numbers and identical decisions, which the tests check on random logits.
 
@@ -217,10 +217,9 @@ class RowOps:
     """The one row of batch size 1 as Python floats: logits and class rows are lists, values are floats.
 
     Written for speed right after a layer, when the CPU's caches hold the layer's code and data and every distinct
-    function, builtin or object a decision touches is a cache miss (~0.5-1 µs each, measured on this project's CPU:
-    a decision costs 3-5x its warm time there). So each measure is one loop of plain float arithmetic: no builtin
-    calls (max, min, len, range), no temporary lists where a running total will do, and no cache of the last row's
-    exponentials (keeping one cost more than computing the exponentials twice)."""
+    function, builtin or object a decision touches is a cache miss. So each measure is one loop of plain float
+    arithmetic: no builtin calls (max, min, len, range), no temporary lists where a running total will do, and no
+    cache of the last row's exponentials (keeping one costs more than computing the exponentials twice)."""
 
     @staticmethod
     def _top(logits: list[float]) -> tuple[float, list[float]]:
@@ -266,8 +265,8 @@ class RowOps:
     @staticmethod
     def probs_and_normalized_entropy(logits: list[float]) -> tuple[list[float], float]:
         # probs' and entropy's loops fused: the same operations in the same order, so the same numbers
-        # RowOps._top's scan written out, and _top called only for ±inf or NaN: ELBERT runs this at every layer,
-        # where the call and its tuple cost about half a microsecond right after a layer (cold caches)
+        # RowOps._top's scan written out, and _top called only for ±inf or NaN: ELBERT runs this at every layer, right
+        # after the layer, where a call and its tuple are cache misses
         top = low = logits[0]
         for value in logits:
             if value > top:
@@ -1081,7 +1080,7 @@ class ExitTracker:
 
     The decision runs on the host: the logits are read from the device once per layer, which is the one
     device-to-host transfer (and the one synchronisation) per layer of early exit. A batch of one row is decided on
-    Python floats (:class:`RowOps`): one ``tolist()`` and a few microseconds of arithmetic. A larger batch is decided
+    Python floats (:class:`RowOps`): one ``tolist()`` and a few float operations. A larger batch is decided
     on CPU tensors (:class:`TensorOps`), row by row in effect. Both run the policy's one rule, with the same numbers.
     """
 
@@ -1093,7 +1092,7 @@ class ExitTracker:
         self.one_row = batch_size == 1
         if self.one_row:
             # shared constants until the row exits, then fresh tensors: batch-size-1 early exit makes a tracker per
-            # input, and two tensor constructions there cost ~20 µs right after a pass of layers (cold caches)
+            # input, right after a pass of layers, where every tensor construction is slow (cold caches)
             self.active, self.exit_layer = _ONE_ROW, _ONE_ROW_NOT_EXITED
         else:
             self.active = torch.arange(batch_size)
