@@ -88,9 +88,9 @@ __all__ = [
 # either backend: ``TensorOps`` for a batch of rows (replay, batched early exit) and ``RowOps`` for the one row of
 # batch size 1, in plain Python floats, so that a decision costs a few float operations instead of a dozen tiny
 # tensor operations, each of which has a fixed dispatch cost. Python's arithmetic and comparison operators (``+``,
-# ``<``, ``==``, ``&``, ``|``, ``abs``) work the same on both. Both backends compute in float64 with the same operations in the same order, and
-# with the same exp and log (Python's ``math``, element by element, also for tensors): so they give bit-identical
-# numbers and identical decisions, which the tests check on random logits.
+# ``<``, ``==``, ``&``, ``|``, ``abs``) work the same on both. Both backends compute in float64 with the same
+# operations in the same order, and with the same exp and log (Python's ``math``, element by element, also for
+# tensors): so they give bit-identical numbers and identical decisions, which the tests check on random logits.
 
 _LOGIT_BOUND = 1e30  # far beyond any real logit, yet differences of two bounded logits stay finite
 
