@@ -136,13 +136,22 @@ PER_EXAMPLE_METRICS = ("acc",)
 SEQUENCE_STEPS = 100
 """A continuous knob's certification sequence: its declared range cut into this many equal steps."""
 DEFAULT_DELTA = 0.1
+BATCH_SAMPLINGS = ("iid", "split")
+"""How a batch certificate's batch (``batch_size`` examples) relates to the calibration examples: ``iid``, new examples
+drawn independently from the same distribution (deployment); ``split``, the rest of one fixed set of which the
+calibration examples are a uniformly random part (the held-out protocol: the runner's second half of a shuffled eval
+file, the study's test half). docs/calibration.md derives each test."""
 
 
 @dataclass
 class Certificate:
     """What a certified calibration promises: with probability at least 1 − ``delta`` over the draw of the
     ``num_examples`` calibration examples, the chosen setting's ``risk`` on new examples from the same distribution
-    is at most ``max_risk`` (Learn then Test: Angelopoulos, Bates, Candès, Jordan, Lei 2021)."""
+    is at most ``max_risk`` (Learn then Test: Angelopoulos, Bates, Candès, Jordan, Lei 2021). A batch certificate
+    (``batch_size`` m) promises more: with probability at least 1 − ``delta`` over the calibration examples and the
+    batch together, the mean loss over the batch of m examples is at most ``max_risk`` (for risk ``metric``: the
+    batch's fraction of lost examples, which bounds its accuracy drop); ``batch_sampling`` says how the batch is
+    drawn (:data:`BATCH_SAMPLINGS`)."""
 
     risk: str
     max_risk: float  # ε
@@ -151,13 +160,17 @@ class Certificate:
     sequences: int  # fixed sequences tested (one per template that differs in more than its knob)
     level: float  # each sequence's test level: δ / sequences (Bonferroni)
     certified: bool  # False: no setting passed, and the answer is full depth
-    bound: float  # upper confidence bound of the chosen setting's risk at ``level`` (full depth: 0, exactly)
+    # upper confidence bound of the chosen setting's risk at ``level`` (full depth: 0, exactly); a batch certificate:
+    # the smallest batch mean loss that the batch test passes at ``level`` (:func:`batch_upper_bound`)
+    bound: float
     observed_risk: float  # the chosen setting's risk on the calibration examples
     settings_certified: int  # in all sequences together
     # not certified: the fewest calibration examples with which the first setting of a sequence would pass were its
     # observed loss rates to stay as they are (None: its observed risk is already at least ε), and with no loss at all
     examples_needed: int | None = None
     examples_needed_without_loss: int | None = None
+    batch_size: int | None = None  # None: the population certificate (the risk); m: the batch certificate
+    batch_sampling: str | None = None  # a batch certificate's :data:`BATCH_SAMPLINGS`
 
     def summary(self) -> dict[str, object]:
         return asdict(self)
@@ -173,8 +186,19 @@ class Calibration:
 
 
 def check_risk_request(risk: str, max_risk: float, delta: float, main_metric: str | None, num_labels: int,
-                       tolerance: float | None = None, has_labels: bool = True) -> None:
+                       tolerance: float | None = None, has_labels: bool = True, batch_size: int | None = None,
+                       batch_sampling: str = "iid") -> None:
     """What a calibration for a metric drop needs of its request and its task. Raises UserInputError."""
+    if batch_size is not None:
+        if risk == POINT_ESTIMATE:
+            raise UserInputError(f"a batch size asks for a batch certificate; risk {POINT_ESTIMATE!r} (the point "
+                                 "estimate) certifies nothing")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise UserInputError(f"a batch certificate's batch size is a whole number of examples >= 1, got "
+                                 f"{batch_size!r}")
+        if batch_sampling not in BATCH_SAMPLINGS:
+            raise UserInputError(f"batch sampling must be one of {', '.join(BATCH_SAMPLINGS)}, got "
+                                 f"{batch_sampling!r}")
     if risk == POINT_ESTIMATE:
         if not has_labels:
             raise UserInputError(f"risk {POINT_ESTIMATE!r} compares metrics and needs labels")
@@ -233,8 +257,47 @@ def _binomial_lower(successes: np.ndarray, trials: np.ndarray, level: float) -> 
     return np.where(successes <= 0, 0.0, beta.ppf(level, np.maximum(successes, 1), trials - successes + 1))
 
 
+def batch_upper_bound(losses: np.ndarray, num_examples: int, batch_size: int, level: float,
+                      sampling: str = "iid") -> np.ndarray:
+    """The batch test of a 0/1 loss, from the number of ``losses`` among ``num_examples`` (n) calibration examples:
+    the smallest batch mean loss a/m (a = 0 … m, m = ``batch_size``) whose test passes at ``level``, that is whose
+    p-value for "the batch loses more than a of its m examples" is at most ``level``. "bound <= ε" is the test at
+    a = ⌊ε m⌋; with k losses the p-value is (docs/calibration.md derives both):
+
+    * ``iid`` (new examples): P(Hypergeometric(n + m, a + k + 1, n) <= k), the chance that at most k of the first
+      a + k + 1 of n + m exchangeable examples are calibration examples. It is the binomial p-value P(Bin(n, r) <= k)
+      averaged over r ~ Beta(a + 1, m − a), the law whose CDF is P(Bin(m, r) > a): so the probability, over the
+      calibration set and the batch, that a setting certified by a fixed sequence loses more than a of the batch is at
+      most ``level``;
+    * ``split`` (the batch is the rest of one fixed set of n + m examples, the calibration examples a random part):
+      P(Hypergeometric(n + m, a + 1, n) <= k); given the set, the first setting of a sequence with more than a losses
+      in the whole set passes with at most this probability, and no setting before it can lose more than a of the
+      batch.
+
+    A loss count above a is impossible when a = m, so every count passes there (bound 1)."""
+    from scipy.stats import hypergeom
+
+    if sampling not in BATCH_SAMPLINGS:
+        raise ValueError(f"no batch test for sampling {sampling!r}")
+    counts, inverse = np.unique(np.asarray(losses, dtype=np.int64), return_inverse=True)  # each count once
+    pool = num_examples + batch_size
+
+    def passes(allowed: np.ndarray) -> np.ndarray:
+        draws = allowed + 1 + (counts if sampling == "iid" else 0)
+        p_value = hypergeom.cdf(counts, pool, num_examples, np.minimum(draws, pool))
+        return (allowed >= batch_size) | (p_value <= level)
+
+    # p-values fall as the allowance a grows: bisect for the smallest passing a (a = −1 fails, a = m passes)
+    failing, passing = np.full(counts.shape, -1, dtype=np.int64), np.full(counts.shape, batch_size, dtype=np.int64)
+    while np.any(passing - failing > 1):
+        middle = (failing + passing) // 2
+        ok = passes(middle)
+        failing, passing = np.where(ok, failing, middle), np.where(ok, middle, passing)
+    return (passing / batch_size)[inverse].reshape(np.shape(losses))
+
+
 def risk_upper_bound(risk: str, worse: np.ndarray, better: np.ndarray, num_examples: int | np.ndarray,
-                     level: float) -> np.ndarray:
+                     level: float, batch_size: int | None = None, batch_sampling: str = "iid") -> np.ndarray:
     """An upper confidence bound at ``level`` of the risk from the numbers of examples whose loss is 1 (``worse``)
     and −1 (``better``) among ``num_examples`` (arrays broadcast): the true risk exceeds it with probability at most
     ``level``. So "bound <= ε" is a test of H0: risk > ε whose type-I error is at most ``level``.
@@ -243,7 +306,15 @@ def risk_upper_bound(risk: str, worse: np.ndarray, better: np.ndarray, num_examp
       P(Bin(n, ε) <= worse) is <= ``level``;
     * ``metric`` (a loss in {−1, 0, 1}; risk = P(loss 1) − P(loss −1)): P(loss 1) bounded from above and P(loss −1)
       from below, each exactly at ``level`` / 2, and their difference (a union bound: both hold with probability
-      at least 1 − ``level``)."""
+      at least 1 − ``level``).
+
+    With a ``batch_size`` m, the bound is the batch test's (:func:`batch_upper_bound`) of the 0/1 loss "worse": the
+    disagreement, or for ``metric`` the examples lost (full depth right, this setting wrong), whose fraction in a
+    batch is at least the batch's accuracy drop; examples won back are not counted (``num_examples`` is a number)."""
+    if batch_size is not None:
+        if risk not in RISKS:
+            raise ValueError(f"no bound for risk {risk!r}")
+        return batch_upper_bound(worse, int(num_examples), batch_size, level, batch_sampling)
     worse = np.asarray(worse, dtype=np.float64)
     trials = np.asarray(num_examples, dtype=np.float64)
     if risk == "disagreement":
@@ -281,14 +352,21 @@ def most_aggressive(ends: np.ndarray, mean_exit_layers: Sequence[np.ndarray]) ->
 
 
 def examples_needed(risk: str, worse_rate: float, better_rate: float, max_risk: float, level: float,
-                    limit: int = 10**9) -> int | None:
+                    limit: int = 10**9, batch_size: int | None = None, batch_sampling: str = "iid") -> int | None:
     """The fewest examples n with which losses at these rates (counts rounded to the nearest integer) would be
-    certified at ``level``; None when the rates' risk is at least ``max_risk`` (or n would exceed ``limit``)."""
-    if worse_rate - better_rate >= max_risk:
+    certified at ``level``; None when the rates' risk is at least ``max_risk`` (or n would exceed ``limit``). With a
+    ``batch_size`` (the batch certificate, for the same batch), n is searched up to ``min(limit, 10**6)`` by doubling
+    and bisection, which finds the fewest when the test passes for every n above it (so without loss; a ``split``
+    batch with losses can fail again as n grows, since a larger calibration set leaves its losses fewer places)."""
+    certified_rate = worse_rate if batch_size is not None else worse_rate - better_rate
+    if certified_rate >= max_risk:
         return None
+    if batch_size is not None:
+        limit = min(limit, 10**6)
 
     def passes(n: int) -> bool:
-        return bool(risk_upper_bound(risk, round(worse_rate * n), round(better_rate * n), n, level) <= max_risk)
+        return bool(risk_upper_bound(risk, round(worse_rate * n), round(better_rate * n), n, level, batch_size,
+                                     batch_sampling) <= max_risk)
 
     high = 1
     while not passes(high):
@@ -346,6 +424,8 @@ def certify(
     risk: str = "disagreement",
     tolerance: float | None = None,
     steps: int = SEQUENCE_STEPS,
+    batch_size: int | None = None,
+    batch_sampling: str = "iid",
 ) -> Calibration:
     """Learn then Test's fixed-sequence testing (Angelopoulos, Bates, Candès, Jordan, Lei 2021), as CALM applies it
     to early exit (Schuster et al. 2022): the fastest setting whose ``risk`` on new examples is at most ``max_risk``
@@ -357,10 +437,16 @@ def certify(
     its first failure (:func:`fixed_sequence_end`). The answer is the certified setting with the lowest mean exit
     layer here (:func:`most_aggressive`), or full depth (``budget(layer=L)``) when nothing passes; the certificate
     then says how many examples a pass would need. Every setting of every sequence is replayed once; labels are
-    needed only for risk ``metric`` (and for the scores)."""
+    needed only for risk ``metric`` (and for the scores).
+
+    ``batch_size`` m (None: the population certificate above) asks for a batch certificate: with probability at
+    least 1 − δ, the mean loss over a batch of m examples drawn as ``batch_sampling`` says (:data:`BATCH_SAMPLINGS`)
+    is at most ε. Only the test changes (:func:`batch_upper_bound`); the sequences, their levels and the choice are
+    the same."""
     layer_logits = torch.as_tensor(layer_logits).float()
     num_examples, num_layers, num_labels = layer_logits.shape
-    check_risk_request(risk, max_risk, delta, main_metric, num_labels, tolerance, labels is not None)
+    check_risk_request(risk, max_risk, delta, main_metric, num_labels, tolerance, labels is not None, batch_size,
+                       batch_sampling)
     if not templates:
         raise ValueError("certify needs at least one template")
 
@@ -374,18 +460,22 @@ def certify(
     replays = [[score_policy(policy, layer_logits, None, None) for policy in sequence] for sequence in sequences]
     losses = [example_losses(risk, np.stack([score.predictions for score in scores]), full.predictions, labels,
                              tolerance) for scores in replays]  # per sequence [G, N]
-    bounds = [risk_upper_bound(risk, (loss > 0).sum(-1), (loss < 0).sum(-1), num_examples, level) for loss in losses]
+    bounds = [risk_upper_bound(risk, (loss > 0).sum(-1), (loss < 0).sum(-1), num_examples, level, batch_size,
+                               batch_sampling) for loss in losses]
     ends = np.array([fixed_sequence_end(bound, max_risk) for bound in bounds])
     sequence, setting = (int(index) for index in most_aggressive(
         ends, [np.array([score.avg_exit_layer for score in scores]) for scores in replays]))
     common = {"risk": risk, "max_risk": max_risk, "delta": delta, "num_examples": num_examples,
-              "sequences": len(sequences), "level": level, "settings_certified": int((ends + 1).sum())}
+              "sequences": len(sequences), "level": level, "settings_certified": int((ends + 1).sum()),
+              "batch_size": batch_size, "batch_sampling": batch_sampling if batch_size is not None else None}
+    batch = {"batch_size": batch_size, "batch_sampling": batch_sampling}
     if sequence < 0:
         first_rates = [((loss[0] > 0).mean(), (loss[0] < 0).mean()) for loss in losses]
-        needed = [examples_needed(risk, worse, better, max_risk, level) for worse, better in first_rates]
+        needed = [examples_needed(risk, worse, better, max_risk, level, **batch) for worse, better in first_rates]
         certificate = Certificate(**common, certified=False, bound=0.0, observed_risk=0.0,
                                   examples_needed=min((n for n in needed if n is not None), default=None),
-                                  examples_needed_without_loss=examples_needed(risk, 0.0, 0.0, max_risk, level))
+                                  examples_needed_without_loss=examples_needed(risk, 0.0, 0.0, max_risk, level,
+                                                                               **batch))
         return Calibration(full.policy, full, reference, False, certificate)
     chosen = scored(sequences[sequence][setting])
     certificate = Certificate(**common, certified=True, bound=float(bounds[sequence][setting]),
@@ -407,13 +497,16 @@ def calibrate(
     risk: str = "disagreement",
     tolerance: float | None = None,
     steps: int = SEQUENCE_STEPS,
+    batch_size: int | None = None,
+    batch_sampling: str = "iid",
 ) -> Calibration:
     """Move the knob of ``template`` (:meth:`ExitPolicy.knob`) to meet a target on a calibration split.
 
     * ``target_speedup``: the least-aggressive setting whose speed-up (L / mean exit layer) here is >= the target
       (a promise about speed, measured on these examples);
     * ``max_metric_drop`` (ε): the setting :func:`certify` certifies: its ``risk`` (``disagreement`` with full depth,
-      or the accuracy drop for ``metric``) is at most ε on new examples with probability at least 1 − ``delta``;
+      or the accuracy drop for ``metric``) is at most ε on new examples with probability at least 1 − ``delta``
+      (with a ``batch_size`` m: the mean loss over a batch of m examples, drawn as ``batch_sampling`` says);
     * ``max_metric_drop`` with ``risk="empirical"``: the point estimate, the fastest setting whose main metric *here*
       is >= full depth's − ε, with no promise about other examples.
 
@@ -423,13 +516,14 @@ def calibrate(
         raise UserInputError("calibration needs exactly one of a target speed-up or a maximum metric drop")
     if max_metric_drop is not None and risk != POINT_ESTIMATE:
         return certify([template], layer_logits, labels, metric_fn, main_metric, max_metric_drop, delta, risk,
-                       tolerance, steps)
+                       tolerance, steps, batch_size, batch_sampling)
     if target_speedup is not None and not (target_speedup >= 1.0):
         raise UserInputError(f"target speed-up must be >= 1, got {target_speedup}")
     layer_logits = torch.as_tensor(layer_logits).float()
     num_layers, num_labels = layer_logits.shape[1], layer_logits.shape[2]
     if max_metric_drop is not None:
-        check_risk_request(risk, max_metric_drop, delta, main_metric, num_labels, tolerance, labels is not None)
+        check_risk_request(risk, max_metric_drop, delta, main_metric, num_labels, tolerance, labels is not None,
+                           batch_size, batch_sampling)
     reference = score_policy(BudgetExit(layer=num_layers), layer_logits, labels, metric_fn).metrics[main_metric]
 
     def meets(score: PolicyScore) -> bool:
@@ -499,6 +593,8 @@ def choose_setting(
     risk: str = "disagreement",
     tolerance: float | None = None,
     steps: int = SEQUENCE_STEPS,
+    batch_size: int | None = None,
+    batch_sampling: str = "iid",
 ) -> Calibration:
     """One setting for several templates, settings of one policy that differ in what calibration does not move
     (PCEE's patience, ELBERT's window). A certified drop (:func:`certify`) tests one sequence per template and keeps
@@ -509,9 +605,10 @@ def choose_setting(
         raise ValueError("choose_setting needs at least one template")
     if max_metric_drop is not None and target_speedup is None and risk != POINT_ESTIMATE:
         return certify(templates, layer_logits, labels, metric_fn, main_metric, max_metric_drop, delta, risk,
-                       tolerance, steps)
+                       tolerance, steps, batch_size, batch_sampling)
     results = [calibrate(t, layer_logits, labels, metric_fn, main_metric, target_speedup, max_metric_drop, iterations,
-                         delta=delta, risk=risk, tolerance=tolerance, steps=steps)
+                         delta=delta, risk=risk, tolerance=tolerance, steps=steps, batch_size=batch_size,
+                         batch_sampling=batch_sampling)
                for t in templates]
     reached = [r for r in results if r.reached_target]
     speed_sign = -1 if target_speedup is not None else 1
@@ -546,16 +643,20 @@ def calibrate_held_out(
     risk: str = "disagreement",
     tolerance: float | None = None,
     steps: int = SEQUENCE_STEPS,
+    batch_size: int | None = None,
+    batch_sampling: str = "iid",
 ) -> HeldOutCalibration:
     """The matched-speed-up protocol: choose the setting on the first half (:func:`choose_setting`), report it on the
     second half, so that the score is not measured on the examples that picked it. ``labels`` may be None for a
-    certified disagreement (scores then have no metrics)."""
+    certified disagreement (scores then have no metrics). A batch certificate whose batch is the second half itself
+    is ``batch_size=len(second half)`` with ``batch_sampling="split"`` (the halves of a shuffled set)."""
     half = layer_logits.shape[0] // 2
     if half < 2:
         raise UserInputError("calibration needs at least 4 labelled eval examples")
     first_labels, second_labels = (None, None) if labels is None else (labels[:half], labels[half:])
     chosen = choose_setting(templates, layer_logits[:half], first_labels, metric_fn, main_metric, target_speedup,
-                            max_metric_drop, iterations, delta=delta, risk=risk, tolerance=tolerance, steps=steps)
+                            max_metric_drop, iterations, delta=delta, risk=risk, tolerance=tolerance, steps=steps,
+                            batch_size=batch_size, batch_sampling=batch_sampling)
     second_metric_fn = metric_fn if labels is not None else None
     held_out = score_policy(chosen.policy, layer_logits[half:], second_labels, second_metric_fn)
     held_out_risk = None

@@ -332,6 +332,24 @@ def learned_anything(task: Task, score: float | None) -> bool:
 
 RISK_EPSILONS = [0.005, 0.01, 0.02]
 RISK_DELTA = 0.1
+BATCH_SAMPLINGS = ("iid", "split")  # the batch certificates measured, for a batch of the test half's size
+SAMPLING_TITLES = {"iid": "i.i.d.", "split": "split"}
+
+
+def fewest_allowed(calibration_size: int, batch_size: int) -> int:
+    """The fewest batch losses a (= ⌊ε m⌋) with which a setting without loss on the calibration examples can be
+    certified for a batch (both tests, one sequence at δ = RISK_DELTA): P(the first a + 1 losses all in the batch)."""
+    from scipy.stats import hypergeom
+
+    allowed = np.arange(batch_size)
+    passing = hypergeom.pmf(0, calibration_size + batch_size, calibration_size, allowed + 1) <= RISK_DELTA
+    return int(allowed[passing][0]) if passing.any() else batch_size
+
+
+def batch_method(risk: str, sampling: str) -> str:
+    """The key of a batch certificate's cells in summary.json's ``risk_control``."""
+    return f"{risk}_batch_{sampling}"
+
 HALVINGS = 200  # random calibration/test halvings of each seed's dev set
 STSB_TOLERANCE = 0.5  # STS-B answers (0-5) "disagree" when they differ by more than this
 # a violation rate is within binomial slack of δ when the count is at most this quantile of Binomial(splits, δ)
@@ -386,12 +404,16 @@ def picked(values: list[np.ndarray], sequence: np.ndarray, setting: np.ndarray, 
     return out
 
 
-def bounds_of_counts(risk: str, worse: np.ndarray, better: np.ndarray, num_examples: int, level: float) -> np.ndarray:
-    """:func:`multiexit.replay.risk_upper_bound` of many splits' counts, computed once per distinct pair of counts."""
+def bounds_of_counts(risk: str, worse: np.ndarray, better: np.ndarray, num_examples: int, level: float,
+                     batch_size: int | None = None, batch_sampling: str = "iid") -> np.ndarray:
+    """:func:`multiexit.replay.risk_upper_bound` of many splits' counts, computed once per distinct pair of counts (a
+    batch certificate's bound reads only ``worse``)."""
+    if batch_size is not None:
+        better = np.zeros_like(better)
     codes, inverse = np.unique(worse.astype(np.int64) * (num_examples + 1) + better.astype(np.int64),
                                return_inverse=True)
     return risk_upper_bound(risk, codes // (num_examples + 1), codes % (num_examples + 1), num_examples,
-                            level)[inverse].reshape(worse.shape)
+                            level, batch_size, batch_sampling)[inverse].reshape(worse.shape)
 
 
 def point_estimate_choice(calibration_scores: list[np.ndarray], full_scores: np.ndarray,
@@ -443,12 +465,15 @@ def tally(cells: dict, method: str, drop: float, outcomes: dict[str, np.ndarray]
 
 def risk_control(task: Task, variant: str, halvings: int, policies: list[str] | None = None) -> dict:
     """Over ``halvings`` random halvings of each seed's dev set: each policy calibrated on one half for a drop ε, by
-    the point estimate and by certification (δ = RISK_DELTA) for each risk, and scored on the other half. Each
+    the point estimate and by certification (δ = RISK_DELTA) for each risk, the population certificate (methods
+    named by the risk) and the batch certificates for a batch of the test half's size (:func:`batch_method`: new
+    i.i.d. examples, and the rest of the dev set, which is what the test half is), and scored on the other half. Each
     setting is replayed once on all examples; every split's statistics come from masks.
 
     {policy: {method: {ε: {"splits", "faster" (splits faster than full depth), "speedup_median", "speedup_mean" (the
     test half's), and how many splits broke ε: "metric_test", "metric_dev" (the main metric's drop on the test half,
-    on the whole dev set) and, certified, "risk_test", "risk_dev" (the certified risk)}}}}"""
+    on the whole dev set) and, certified, "risk_test", "risk_dev" (the certified risk: the disagreement, or the
+    accuracy drop)}}}}"""
     risks = ["disagreement"] + (["metric"] if task.main in PER_EXAMPLE_METRICS else [])
     tolerance = STSB_TOLERANCE if task.spec.is_regression else None
     cells: dict = {}
@@ -477,19 +502,24 @@ def risk_control(task: Task, variant: str, halvings: int, policies: list[str] | 
                 choices.append((POINT_ESTIMATE, drop, *point_estimate_choice(
                     calibration_scores, full_calibration, [depth / e for e in calibration_exits], integer, drop), {}))
             level = RISK_DELTA / len(sequences)
+            test_size = len(labels) - half
             for risk in risks:
                 losses = [example_losses(risk, p, full, labels, tolerance) for p in predictions]
-                bounds = [bounds_of_counts(risk, calibration_weights @ (loss > 0).T, calibration_weights @ (loss < 0).T,
-                                           half, level) for loss in losses]
+                counts = [(calibration_weights @ (loss > 0).T, calibration_weights @ (loss < 0).T) for loss in losses]
                 test_risks = [test_weights @ loss.T / test_sizes for loss in losses]
                 dev_risks = [np.broadcast_to(loss.mean(axis=1), (halvings, len(loss))) for loss in losses]
-                for drop in RISK_EPSILONS:
-                    ends = np.stack([fixed_sequence_end(bound, drop) for bound in bounds], axis=-1)
-                    sequence, setting = most_aggressive(ends, calibration_exits)
-                    no_risk = np.zeros(halvings)
-                    choices.append((risk, drop, sequence, setting,
-                                    {"risk_test": picked(test_risks, sequence, setting, no_risk),
-                                     "risk_dev": picked(dev_risks, sequence, setting, no_risk)}))
+                tests = [(risk, {})] + [(batch_method(risk, sampling), {"batch_size": test_size,
+                                                                        "batch_sampling": sampling})
+                                        for sampling in BATCH_SAMPLINGS]
+                for method, batch in tests:
+                    bounds = [bounds_of_counts(risk, worse, better, half, level, **batch) for worse, better in counts]
+                    for drop in RISK_EPSILONS:
+                        ends = np.stack([fixed_sequence_end(bound, drop) for bound in bounds], axis=-1)
+                        sequence, setting = most_aggressive(ends, calibration_exits)
+                        no_risk = np.zeros(halvings)
+                        choices.append((method, drop, sequence, setting,
+                                        {"risk_test": picked(test_risks, sequence, setting, no_risk),
+                                         "risk_dev": picked(dev_risks, sequence, setting, no_risk)}))
             dev_scores = [np.broadcast_to(subset_scores(task, p, labels, np.ones((1, len(labels)), bool)),
                                           (halvings, len(p))) for p in predictions]
             for method, drop, sequence, setting, outcomes in choices:
@@ -743,28 +773,48 @@ class Report:
 
     def risk_control_section(self, halvings: int) -> None:
         """results/calibration.md: certified calibration (Learn then Test) against today's point estimate, on random
-        calibration/test halvings of every seed's dev set."""
+        calibration/test halvings of every seed's dev set: the population certificate and the batch certificates
+        for a batch of the test half's size, what each promised and how often the promise broke."""
         from scipy.stats import binom
 
         epsilons = ", ".join(f"{drop * SCALE:g}" for drop in RISK_EPSILONS)
         issue_case = "deebert2-linear"  # the case issue 32 measured: DeeBERT two-stage, linear head, its entropy rule
         certified_rates, dev_rates, estimate_rates, uncovered = [], [], [], {}
         beyond_slack: list[str] = []
+        batch_rates: dict[str, list[float]] = {sampling: [] for sampling in BATCH_SAMPLINGS}
+        batch_beyond: dict[str, list[str]] = {sampling: [] for sampling in BATCH_SAMPLINGS}
         body: list[str] = []
         cost = ["| task | calibration examples | ε (points) | fastest point estimate (its drop > ε on the test "
                 "half) | fastest certified, disagreement | fastest certified, accuracy drop |",
                 "|---|---:|---:|---|---|---|"]
+        batch_cost = ["| task | batch (test half) | ε (points) | losses the batch may have: ⌊ε m⌋ (a certificate needs "
+                      "≥) | population certificate, disagreement | batch, i.i.d., disagreement | batch, split, "
+                      "disagreement | population certificate, accuracy drop | batch, i.i.d., lost examples | batch, "
+                      "split, lost examples |", "|---|---:|---:|---:|---|---|---|---|---|---|"]
+        promises = ["| task | certificate | what the user is promised, with probability ≥ 1 − δ | population "
+                    "certificate: broke on the test half (dev set) | batch certificate, i.i.d. | batch certificate, "
+                    "split |", "|---|---|---|---|---|---|"]
 
         def rate(cell: dict, key: str) -> str:
             return f"{100 * cell[key] / cell['splits']:.1f}"
 
+        def beyond(cell: dict, key: str = "risk_test") -> bool:
+            return cell[key] > binom.ppf(SLACK_QUANTILE, cell["splits"], RISK_DELTA)
+
         def certified_text(where: str, cell: dict) -> str:
             certified_rates.append(cell["risk_test"] / cell["splits"])
             dev_rates.append(cell["risk_dev"] / cell["splits"])
-            if cell["risk_test"] > binom.ppf(SLACK_QUANTILE, cell["splits"], RISK_DELTA):
+            if beyond(cell):
                 beyond_slack.append(where)
                 return f"{rate(cell, 'risk_test')} ✗ ({rate(cell, 'risk_dev')})"
             return f"{rate(cell, 'risk_test')} ({rate(cell, 'risk_dev')})"
+
+        def batch_text(where: str, cell: dict, sampling: str) -> str:
+            batch_rates[sampling].append(cell["risk_test"] / cell["splits"])
+            if beyond(cell):
+                batch_beyond[sampling].append(where)
+                return f"{rate(cell, 'risk_test')} ✗"
+            return rate(cell, "risk_test")
 
         def fastest(rows: list[tuple[str, dict]], method: str, drop: float, with_rate: bool = False) -> str:
             candidates = [(methods[method][str(drop)], title) for title, methods in rows if method in methods]
@@ -775,6 +825,46 @@ class Report:
                 return "none faster than full depth"
             return f"{cell['speedup_median']:.2f}× ({title}" + (f", {rate(cell, 'metric_test')} %)" if with_rate
                                                                 else ")")
+
+        def worst(rows: list[tuple[str, dict]], method: str, key: str, dev_key: str | None = None) -> str:
+            """The highest rate of ``key`` over the task's policies and ε (✗: cells beyond binomial slack)."""
+            cells = [by_drop[str(drop)] for _, methods in rows if method in methods
+                     for by_drop in [methods[method]] for drop in RISK_EPSILONS]
+            text = f"{100 * max(cell[key] / cell['splits'] for cell in cells):.1f} %"
+            if dev_key:
+                text += f" ({100 * max(cell[dev_key] / cell['splits'] for cell in cells):.1f} %)"
+            flagged = sum(beyond(cell, key) for cell in cells)
+            return text + (f" ✗ in {flagged} of {len(cells)} cells" if flagged else "")
+
+        def promise_row(task: Task, rows: list[tuple[str, dict]], risk: str) -> str:
+            """What a certificate of ``risk`` promised on ``task`` and how often it broke on the test half: the
+            certified loss, and for accuracy tasks the accuracy drop it bounds; beside it, what it does not promise."""
+            main = task.main
+            if risk == "metric":
+                certificate = "accuracy drop (a batch: its lost examples)"
+                promise = ("accuracy drop ≤ ε: the expected one (population), or the batch's own (batch: its "
+                           "fraction of lost examples ≤ ε, which bounds it)")
+            else:
+                certificate = "disagreement" + (f" (answers more than {STSB_TOLERANCE:g} apart)"
+                                                if task.spec.is_regression else "")
+                promise = {"acc": "accuracy drop ≤ ε, through changed answers ≤ ε (the expected fraction, or the "
+                                  "batch's own), which bound it",
+                           "f1": "changed answers ≤ ε, and through them F1 drop ≤ ε (2 − F1) / (s − ε) "
+                                 "(docs/calibration.md); **not** F1 drop ≤ ε",
+                           }.get(main, f"changed answers ≤ ε; **nothing** about the drop of {main}")
+                if task.spec.is_regression:
+                    promise = (f"answers more than {STSB_TOLERANCE:g} from full depth's (changed answers) ≤ ε; "
+                               f"**nothing** about the drop of {main}")
+            texts = []
+            for method in (risk, batch_method(risk, "iid"), batch_method(risk, "split")):
+                dev = "risk_dev" if method == risk else None
+                certified_loss = "accuracy drop" if risk == "metric" else "changed answers"
+                text = f"{certified_loss} > ε: {worst(rows, method, 'risk_test', dev)}"
+                if risk == "disagreement":
+                    text += (f"; {main} drop > ε: {worst(rows, method, 'metric_test')}"
+                             + ("" if main in PER_EXAMPLE_METRICS else " (not promised)"))
+                texts.append(text)
+            return f"| {task.name} | {certificate} | {promise} | " + " | ".join(texts) + " |"
 
         for task in self.tasks.values():
             variant = self.main_variant(task)
@@ -798,6 +888,20 @@ class Report:
                      f"certified: disagreement > ε, test half (dev set) | {task.main} drop > ε ({covered}) | speed-up "
                      f"| faster than full depth | accuracy drop certified: drop > ε, test half (dev set) | speed-up |",
                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            examples = len(next(iter(task.runs[variant].values()))[1])
+            half = examples // 2
+            batch_body = [f"Batch certificates of {task.name} (the batch: the test half, {examples - half} "
+                          "examples; i.i.d.: the test for new examples; split: the test for the rest of the dev set, "
+                          "which the test half is). Cells: % of halvings whose test half broke ε, and the test half's "
+                          "median speed-up.", "",
+                          "| policy | ε (points) | " + " | ".join(
+                              f"disagreement, batch {SAMPLING_TITLES[sampling]}: disagreement > ε | {task.main} drop "
+                              f"> ε{'' if accuracy else ' (not guaranteed)'} | speed-up"
+                              for sampling in BATCH_SAMPLINGS)
+                          + " | " + " | ".join(f"lost examples, batch {SAMPLING_TITLES[sampling]}: accuracy drop > ε | "
+                                               "speed-up"
+                                               for sampling in BATCH_SAMPLINGS) + " |",
+                          "|---|---:|" + "---:|" * 10]
             for title, methods in rows:
                 for drop in RISK_EPSILONS:
                     where = f"{task.name}, {title}, ε {drop * SCALE:g}"
@@ -816,20 +920,49 @@ class Report:
                     else:
                         texts += ["–", "–"]
                     body.append(f"| {title} | {drop * SCALE:g} | " + " | ".join(texts) + " |")
-            body.append("")
-            half = len(next(iter(task.runs[variant].values()))[1]) // 2
+                    texts = []
+                    for sampling in BATCH_SAMPLINGS:
+                        batch = methods[batch_method("disagreement", sampling)][str(drop)]
+                        texts += [batch_text(f"{where} ({sampling})", batch, sampling), rate(batch, "metric_test"),
+                                  f"{batch['speedup_median']:.2f}×"]
+                    for sampling in BATCH_SAMPLINGS:
+                        batch = methods.get(batch_method("metric", sampling), {}).get(str(drop))
+                        texts += ([batch_text(f"{where} (lost examples, {sampling})", batch, sampling),
+                                   f"{batch['speedup_median']:.2f}×"] if batch else ["–", "–"])
+                    batch_body.append(f"| {title} | {drop * SCALE:g} | " + " | ".join(texts) + " |")
+            body += ["", *batch_body, ""]
             for drop in RISK_EPSILONS:
                 cost.append(f"| {task.name} | {half} | {drop * SCALE:g} | {fastest(rows, POINT_ESTIMATE, drop, True)} "
                             f"| {fastest(rows, 'disagreement', drop)} | {fastest(rows, 'metric', drop)} |")
+                allowed = math.floor(drop * (examples - half) + 1e-9)
+                batch_cost.append(f"| {task.name} | {examples - half} | {drop * SCALE:g} | {allowed} "
+                                  f"({fewest_allowed(half, examples - half)}) | " + " | ".join(
+                    fastest(rows, method, drop) for risk in ("disagreement", "metric")
+                    for method in (risk, batch_method(risk, "iid"), batch_method(risk, "split"))) + " |")
+            promises += [promise_row(task, rows, risk) for risk in ("disagreement", "metric")
+                         if risk == "disagreement" or accuracy]
 
-        slack = ("every cell within binomial slack of δ" if not beyond_slack else
-                 f"{len(beyond_slack)} of {len(certified_rates)} cells beyond binomial slack of δ: "
-                 + "; ".join(beyond_slack))
+        def slack(flagged: list[str], total: int) -> str:
+            return ("every cell within binomial slack of δ" if not flagged else
+                    f"{len(flagged)} of {total} cells beyond binomial slack of δ: " + "; ".join(flagged))
+
         headline = [
-            f"* **Certified** (δ = {RISK_DELTA:g}): the certified risk exceeded ε on the whole dev set (the "
-            f"population the halves are drawn from, which is what the certificate bounds) in at most "
-            f"{100 * max(dev_rates):.1f} % of the halvings of any cell (task × policy × ε), and on the test half in at "
-            f"most {100 * max(certified_rates):.1f} % ({slack}).",
+            f"What each certificate promised (δ = {RISK_DELTA:g}), and how often the promise broke on the test half: "
+            "the highest % of halvings over the task's policies and ε (✗: cells beyond binomial slack of δ). The "
+            "**population certificate** promises the expected loss on new examples; the test half is a finite sample, "
+            "so its loss may exceed ε more often than δ (in parentheses: the whole dev set's loss, what the "
+            "certificate bounds). A **batch certificate** promises the loss of the batch itself, here the test half: "
+            "**i.i.d.** is the test for a batch of new examples, **split** the test for the rest of a fixed set of "
+            "which the calibration examples are a random part, which is what the test half is (docs/calibration.md "
+            "proves each).", "",
+            *promises, "",
+            f"* **Population certificate**: the certified risk exceeded ε on the whole dev set (the population the "
+            f"halves are drawn from, which is what the certificate bounds) in at most {100 * max(dev_rates):.1f} % of "
+            f"the halvings of any cell (task × policy × ε), and on the test half in at most "
+            f"{100 * max(certified_rates):.1f} % ({slack(beyond_slack, len(certified_rates))}).",
+            *[f"* **Batch certificate, {SAMPLING_TITLES[sampling]}** (m = the test half): the certified loss of the "
+              f"test half exceeded ε in at most {100 * max(batch_rates[sampling]):.1f} % of the halvings of any cell "
+              f"({slack(batch_beyond[sampling], len(batch_rates[sampling]))})." for sampling in BATCH_SAMPLINGS],
             f"* **Point estimate** (today's rule): the main metric dropped by more than ε on the test half in "
             f"{100 * np.median(estimate_rates):.0f} % of the halvings (median over cells; up to "
             f"{100 * max(estimate_rates):.0f} %).",
@@ -840,6 +973,12 @@ class Report:
                                                 uncovered.items()) + " of the halvings.",
             "* **What it costs** (the test half's median speed-up of the fastest policy; a certificate needs at least "
             "ln(1/δ) / ε calibration examples even when no answer changes, about 230 at ε = 1 point):"]
+        batch_costs = ["* **What a batch certificate costs** (the test half's median speed-up of the fastest policy "
+                       "under each certificate; for the accuracy drop, a batch certificate certifies the examples "
+                       "lost). Even with no loss on the calibration half, a batch certificate needs the batch to be "
+                       "allowed some losses: the chance that the first a + 1 losses of the n + m examples all fall "
+                       "in the batch must be at most δ (in parentheses: the fewest, for one sequence):", "",
+                       *batch_cost]
         lines = ["# Certified calibration against the point estimate (generated by scripts/analyze_results.py: do not "
                  "edit)", "",
                  f"Each seed's dev set is halved at random {halvings} times (the same halvings for every policy); a "
@@ -848,14 +987,16 @@ class Report:
                  "within ε of full depth's (`risk=\"empirical\"`, here on the certification sequences' settings). "
                  f"**Certified**: `multiexit.replay.certify` (Learn then Test, fixed-sequence testing, δ = "
                  f"{RISK_DELTA:g}) for the disagreement with full depth (STS-B: answers more than {STSB_TOLERANCE:g} "
-                 "apart) and, where the main metric is accuracy, for the accuracy drop. "
+                 "apart) and, where the main metric is accuracy, for the accuracy drop; the population certificate "
+                 "(the risk), and the batch certificates (`batch_size` = the test half) for a batch of new i.i.d. "
+                 "examples and for the rest of the dev set (`batch_sampling=\"iid\"`, `\"split\"`). "
                  "Cells: % of halvings whose test half broke ε (in parentheses: whose whole dev set did), the test "
                  "half's median speed-up (L / mean exit layer), and the % of halvings faster than full depth. ✗: more "
-                 f"violations than the {100 * SLACK_QUANTILE:g} % quantile of Binomial(halvings, δ). The guarantee is "
-                 "about the risk on new examples; a test half is a finite sample of them, and its risk moves against "
-                 "the calibration half's, so a setting whose risk is just under ε can break ε on up to ~18 % of the "
-                 "test halves at δ = 0.1 (docs/calibration.md).", "",
-                 "## Headline", "", *headline, "", *cost, "", "## Per task and policy", "", *body]
+                 f"violations than the {100 * SLACK_QUANTILE:g} % quantile of Binomial(halvings, δ). The population "
+                 "guarantee is about the risk on new examples; a test half is a finite sample of them, and its risk "
+                 "moves against the calibration half's, so a setting whose risk is just under ε can break ε on up to "
+                 "~18 % of the test halves at δ = 0.1 (docs/calibration.md).", "",
+                 "## Headline", "", *headline, "", *cost, "", *batch_costs, "", "## Per task and policy", "", *body]
         with open(os.path.join(self.results_dir, "calibration.md"), "w", encoding="utf-8") as stream:
             stream.write("\n".join(lines) + "\n")
 

@@ -27,6 +27,7 @@ from multiexit.runner.loading import PACKAGED_MODEL
 logger = logging.getLogger("run_glue_with_exits")
 
 ELBERT_WEIGHT_LEARNING_RATE = 1e-2  # ELBERT's w_lr
+HELD_OUT_BATCH = "held_out"  # --calibrate_batch_size: the batch is the eval set's second half (sampling "split")
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -189,6 +190,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     evaluation.add_argument("--calibrate_tolerance", type=float, default=None,
                             help="regression tasks: answers 'disagree' with full depth when they differ by more than "
                             "this (needed by --calibrate_risk disagreement)")
+    evaluation.add_argument("--calibrate_batch_size", default=None,
+                            help="a batch certificate for --calibrate_max_drop (docs/calibration.md): with probability "
+                            ">= 1 - δ the mean loss over a batch of this many new i.i.d. examples is at most ε; "
+                            f"'{HELD_OUT_BATCH}': over the second half of the eval set, the batch each record is "
+                            "scored on (the halves of a shuffled file)")
     evaluation.add_argument("--save_layer_logits", action="store_true", help="write the [N, L, C] cache as .npy")
     add_policy_flags(parser)
     return parser.parse_args(argv)
@@ -267,6 +273,14 @@ def check_args(args: argparse.Namespace) -> None:
     if not 0 < args.calibrate_delta < 1:
         raise UserInputError(f"--calibrate_delta: the probability that a certificate fails is in (0, 1), got "
                              f"{args.calibrate_delta}")
+    if args.calibrate_batch_size is not None:
+        if args.calibrate_batch_size != HELD_OUT_BATCH and not (args.calibrate_batch_size.isdigit()
+                                                                 and int(args.calibrate_batch_size) >= 1):
+            raise UserInputError(f"--calibrate_batch_size: a number of examples >= 1 or '{HELD_OUT_BATCH}', got "
+                                 f"{args.calibrate_batch_size!r}")
+        if not args.calibrate_max_drop or args.calibrate_risk == POINT_ESTIMATE:
+            raise UserInputError(f"--calibrate_batch_size asks for a batch certificate: it needs --calibrate_max_drop "
+                                 f"and a certified --calibrate_risk ({', '.join(RISKS)})")
     during_training = [flag for flag, given in (("--evaluate_during_training", args.evaluate_during_training),
                                                 ("--eval_after_first_stage", args.eval_after_first_stage)) if given]
     if args.do_train and args.eval_split == "test" and during_training:

@@ -37,6 +37,7 @@ from multiexit.replay import (
     score_policy,
     sweep,
 )
+from multiexit.runner.args import HELD_OUT_BATCH
 from multiexit.runner.loading import model_inputs
 
 logger = logging.getLogger("run_glue_with_exits")
@@ -223,7 +224,8 @@ def _mode_text(row: dict) -> str:
         return row["mode"]
     calibration = row["calibration"]
     target = ", ".join(f"{key} {value}" for key, value in calibration.items()
-                       if key in ("target_speedup", "max_metric_drop", "risk", "delta"))
+                       if key in ("target_speedup", "max_metric_drop", "risk", "delta", "batch_size")
+                       and value is not None)
     if "certified" in calibration:
         target += (f", {calibration['calibrated_policy']} certified: bound {calibration['bound']:.4f}"
                    if calibration["certified"] else f", nothing certified for {calibration['calibrated_policy']}")
@@ -396,6 +398,10 @@ def calibration_records(args, task: TaskSpec, layer_logits: torch.Tensor, labels
     targets += [("max_metric_drop", v) for v in parse_list("--calibrate_max_drop", args.calibrate_max_drop, float)]
     risk = {"delta": args.calibrate_delta, "risk": args.calibrate_risk, "tolerance": args.calibrate_tolerance}
     half = layer_logits.shape[0] // 2
+    if args.calibrate_batch_size == HELD_OUT_BATCH:  # the second half itself: the rest of one shuffled set
+        risk.update(batch_size=layer_logits.shape[0] - half, batch_sampling="split")
+    elif args.calibrate_batch_size is not None:  # new i.i.d. examples
+        risk.update(batch_size=int(args.calibrate_batch_size), batch_sampling="iid")
     records = []
     for cls in POLICIES.values():
         templates = [p for p in requested if p.name == cls.name] or cls.calibration_templates(num_layers, num_labels)
