@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -146,6 +146,53 @@ class EarlyExitOutput(NamedTuple):
 
     logits: torch.Tensor
     exit_layers: torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The layer loop's skeleton, one for every runtime
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class LayerPass(Protocol):
+    """One batch's way through the layers on some runtime, driven by :func:`run_layers`: the embeddings have run when
+    it is made, and it holds the running rows' hidden states and masks in the runtime's own memory. Its drivers: the
+    torch models (:meth:`MultiExitMixin._exit_loop`), the CUDA graphs (:mod:`multiexit.cuda_graphs`) and ONNX Runtime
+    (:mod:`multiexit.onnx.runtime`)."""
+
+    def layer(self, depth: int) -> None:
+        """Run the layer at 0-indexed ``depth`` alone: its exit is not read."""
+
+    def layer_and_exit(self, depth: int) -> torch.Tensor:
+        """Run the layer at ``depth`` and its exit; return the exit logits [rows, C] of the rows still running (for
+        :class:`ExitTracker`: host memory, or a device tensor that its one read per layer copies)."""
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (host indices into the running rows, in order): the others have left."""
+
+
+def run_layers(layer_pass: LayerPass, num_layers: int, tracker: ExitTracker | None = None) -> list[torch.Tensor]:
+    """The layer loop: every layer and its exit in turn. Without a ``tracker`` every layer runs on the whole batch
+    and its exit logits are returned, layer by layer. With one, the tracker decides after each layer which rows exit;
+    those leave the batch (``layer_pass.keep_rows``) and the loop stops when none is left. Below the tracker's first
+    read layer (a budget's) the layers run alone, as in a model cut at that layer: no exit head, no read."""
+    all_logits = []
+    first_read = tracker.first_read_layer if tracker is not None else 1
+    for depth in range(num_layers):
+        if depth + 1 < first_read:
+            layer_pass.layer(depth)
+            continue
+        logits = layer_pass.layer_and_exit(depth)
+        if tracker is None:
+            all_logits.append(logits)
+            continue
+        keep = tracker.update(logits, depth + 1)
+        if keep is not None:  # some row exited (None, the usual answer, costs no other test)
+            if tracker.done:
+                break
+            # row indices found on the host (the tracker decides there), so that selecting the rows needs no second
+            # device-to-host sync, as a bool mask on the device would (its nonzero count)
+            layer_pass.keep_rows(keep.nonzero()[:, 0])
+    return all_logits
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -453,16 +500,24 @@ class MultiExitMixin:
                                       and attention_mask.numpy().all()):  # numpy: host memory, no torch op
             mask = None
         else:
-            mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states,
-                                             attention_mask=attention_mask, allow_is_bidirectional_skip=False)
-        token_weights = None
-        if self.config.exit_pooling == "mean" and attention_mask is not None:
-            if attention_mask.dim() != 2:
-                raise ValueError("exit_pooling 'mean' weighs tokens by a 2-D attention mask [batch, tokens]; got a "
-                                 f"{attention_mask.dim()}-D mask")
-            weights = attention_mask.to(hidden_states.dtype).unsqueeze(-1)  # [b, T, 1]
-            token_weights = TokenWeights(weights, weights.sum(dim=1).clamp(min=1.0))
-        return hidden_states, mask, token_weights
+            mask = self._layer_mask(hidden_states, attention_mask)
+        return hidden_states, mask, self._token_weights(hidden_states, attention_mask)
+
+    def _layer_mask(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The mask every layer's attention takes, made from the [b, T] attention mask (always materialised: the
+        exported layers of :mod:`multiexit.onnx` build it inside each segment with this same call)."""
+        return create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states,
+                                         attention_mask=attention_mask, allow_is_bidirectional_skip=False)
+
+    def _token_weights(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> TokenWeights | None:
+        """What mean-pooling exits weigh tokens by (None for [CLS] exits, or without a mask: every token counts)."""
+        if self.config.exit_pooling != "mean" or attention_mask is None:
+            return None
+        if attention_mask.dim() != 2:
+            raise ValueError("exit_pooling 'mean' weighs tokens by a 2-D attention mask [batch, tokens]; got a "
+                             f"{attention_mask.dim()}-D mask")
+        weights = attention_mask.to(hidden_states.dtype).unsqueeze(-1)  # [b, T, 1]
+        return TokenWeights(weights, weights.sum(dim=1).clamp(min=1.0))
 
     @staticmethod
     def _token_summary(hidden_states: torch.Tensor, token_weights: TokenWeights | None, pooling: str) -> torch.Tensor:
