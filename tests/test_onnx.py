@@ -257,6 +257,29 @@ def test_fingerprint_follows_the_weights_and_the_config() -> None:
     assert fingerprint(first) != fingerprint(tiny_model("bert", layers=2, seed=0, exit_pooling="mean"))
 
 
+def test_the_command_exports_a_checkpoint(tmp_path: Path) -> None:
+    """``python -m multiexit.onnx export CHECKPOINT OUTPUT_DIR`` (and ``--int8``); a checkpoint without trained exits is
+    refused with one line."""
+    import onnx
+    from tiny_runs import make_tiny_model
+
+    from multiexit.onnx.cli import cli
+
+    checkpoint = make_tiny_model(tmp_path / "model", layers=2, multi_exit=True, dropout=0.0)
+    assert cli(["export", str(checkpoint), str(tmp_path / "export")]) == 0
+    runtime = OnnxMultiExitModel.from_pretrained(tmp_path / "export")
+    assert (tmp_path / "export" / "tokenizer.json").is_file() and runtime.num_exit_layers == 2
+    assert cli(["export", str(checkpoint), str(tmp_path / "int8"), "--int8"]) == 0
+    quantized = OnnxMultiExitModel.from_pretrained(tmp_path / "int8")
+    assert quantized.manifest.int8 and "MatMulInteger" in {node.op_type for node in onnx.load(
+        str(tmp_path / "int8" / "layer_0.onnx")).graph.node}
+    ids = torch.randint(5, 100, (2, 7))
+    assert quantized(ids).all_logits.shape == runtime(ids).all_logits.shape == (2, 2, 2)
+    stock = make_tiny_model(tmp_path / "stock", layers=2, multi_exit=False)
+    assert cli(["export", str(stock), str(tmp_path / "refused")]) == 2
+    assert not (tmp_path / "refused").exists()
+
+
 def test_refusals(tmp_path: Path) -> None:
     model = tiny_model("bert", layers=2).eval()
     (tmp_path / "checkpoint").mkdir()

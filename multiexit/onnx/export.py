@@ -172,8 +172,11 @@ class _Segment(nn.Module):
         return tuple(outputs)
 
 
-def _export(module: nn.Module, inputs: tuple[torch.Tensor, ...], path: str, input_names: list[str],
-            output_names: list[str], opset: int) -> None:
+def export_module(module: nn.Module, inputs: tuple[torch.Tensor, ...], path: str, input_names: list[str],
+                  output_names: list[str], opset: int = OPSET) -> None:
+    """One module as one ONNX file, with this package's exporter and settings; the tensors are named from
+    ``DYNAMIC_AXES`` (which says their dynamic axes). The segments are made with it, and so is the benchmark's stock
+    model exported whole."""
     dynamic = {name: DYNAMIC_AXES[name] for name in [*input_names, *output_names]}
     with warnings.catch_warnings():
         # the TorchScript exporter's deprecation notice, and the tracer's notes on Python values it records as
@@ -275,22 +278,23 @@ def export_onnx(model: MultiExitMixin, output_dir: str, tokenizer: object = None
             state = [HIDDEN_STATES, LAYER_MASK] + ([TOKEN_WEIGHTS, TOKEN_COUNT] if config.exit_pooling == "mean"
                                                    else [])
             embeddings_path = os.path.join(folder, EMBEDDINGS_FILE)
-            _export(_Embeddings(model), (example["input_ids"], example["token_type_ids"], example["attention_mask"]),
-                    embeddings_path, [INPUT_IDS, TOKEN_TYPE_IDS, ATTENTION_MASK], state, opset)
+            model_inputs = (example["input_ids"], example["token_type_ids"], example["attention_mask"])
+            export_module(_Embeddings(model), model_inputs, embeddings_path,
+                          [INPUT_IDS, TOKEN_TYPE_IDS, ATTENTION_MASK], state, opset)
             bar.update()
-            inputs = _Embeddings(model)(example["input_ids"], example["token_type_ids"], example["attention_mask"])
+            inputs = _Embeddings(model)(*model_inputs)
             exported: set[str] = set()
             for depth, segments in enumerate(depths):
                 if segments.layer not in exported:
                     fused = segments.exit is None
-                    _export(_Segment(model, depth, layer=True, exit=fused), inputs,
-                            os.path.join(folder, segments.layer), state,
-                            [LAYER_OUTPUT, EXIT_LOGITS] if fused else [LAYER_OUTPUT], opset)
+                    export_module(_Segment(model, depth, layer=True, exit=fused), inputs,
+                                  os.path.join(folder, segments.layer), state,
+                                  [LAYER_OUTPUT, EXIT_LOGITS] if fused else [LAYER_OUTPUT], opset)
                     exported.add(segments.layer)
                     bar.update()
                 if segments.exit is not None:
-                    _export(_Segment(model, depth, layer=False, exit=True), inputs,
-                            os.path.join(folder, segments.exit), state, [EXIT_LOGITS], opset)
+                    export_module(_Segment(model, depth, layer=False, exit=True), inputs,
+                                  os.path.join(folder, segments.exit), state, [EXIT_LOGITS], opset)
                     bar.update()
             import onnx
 
@@ -320,16 +324,28 @@ def export_onnx(model: MultiExitMixin, output_dir: str, tokenizer: object = None
 
 
 def quantize_segments(folder: str, files: list[str]) -> None:
-    """Dynamic int8 quantisation of ``files`` in place: weights of the MatMuls stored as int8, activations quantised
-    on the fly."""
+    """Dynamic int8 quantisation of ``files`` in ``folder``, in place (:func:`quantize`)."""
+    for name in files:
+        quantize(os.path.join(folder, name))
+
+
+def quantize(path: str, output_path: str | None = None) -> None:
+    """Dynamic int8 quantisation of one ONNX file (in place without ``output_path``): the weights of its MatMuls stored
+    as int8 (signed, per tensor), activations quantised on the fly; what ``onnxruntime.quantization.quantize_dynamic``
+    does by default for transformer encoders."""
     require("onnxruntime.quantization")
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    for name in files:
-        path = os.path.join(folder, name)
-        quantized = path + ".int8"
-        quantize_dynamic(path, quantized, weight_type=QuantType.QInt8)
-        os.replace(quantized, path)
+    output = output_path or path + ".int8"
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its advice to run a pre-processing pass is meant for image models
+    try:
+        quantize_dynamic(path, output, weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+    if output_path is None:
+        os.replace(output, path)
 
 
 def _versions() -> dict[str, str]:

@@ -116,8 +116,8 @@ class OnnxMultiExitModel:
                         manifest: Manifest | None = None) -> OnnxMultiExitModel:
         """Load an export folder. ``threads``: ONNX Runtime's intra-op threads per session (None: its default, one
         per physical core); ``providers``: execution providers (default CPU; ``["CUDAExecutionProvider"]`` keeps the
-        hidden states on the GPU); ``session_options``: an ``onnxruntime.SessionOptions`` to start from (threads and
-        graph optimisation level are set on a copy of it)."""
+        hidden states on the GPU); ``session_options``: an ``onnxruntime.SessionOptions`` to use instead of this
+        package's (:func:`make_session_options`; ``threads``, if given, is set on it)."""
         require("onnxruntime")
         import onnxruntime as ort
         from transformers import AutoConfig
@@ -138,7 +138,7 @@ class OnnxMultiExitModel:
         files |= {d.layer for d in manifest.depths} | {d.exit for d in manifest.depths if d.exit}
         sessions = {}
         for name in sorted(files):
-            options = _session_options(ort, session_options, threads)
+            options = make_session_options(ort, session_options, threads)
             session = ort.InferenceSession(os.path.join(folder, name), options, providers=providers)
             sessions[name] = _Session(session, device)
         return cls(folder, manifest, config, sessions, device, threads)
@@ -210,21 +210,23 @@ class OnnxMultiExitModel:
                 f"{self.device}, threads={self.threads})")
 
 
-def _session_options(ort, base: object, threads: int | None):  # noqa: ANN001, ANN202 - onnxruntime, SessionOptions
-    """Session options: every graph optimisation, sequential execution, and ``threads`` intra-op threads (one
-    inter-op thread: a segment is a chain of operators)."""
-    options = ort.SessionOptions()
-    if base is not None:  # SessionOptions cannot be copied: carry over what a caller usually sets
-        for name in ("log_severity_level", "enable_profiling", "enable_mem_pattern", "enable_cpu_mem_arena",
-                     "graph_optimization_level", "intra_op_num_threads", "inter_op_num_threads"):
-            setattr(options, name, getattr(base, name))
+def make_session_options(ort, base: object, threads: int | None):  # noqa: ANN001, ANN202 - onnxruntime, options
+    """The options of every session of :class:`OnnxMultiExitModel` (and of the benchmark's stock model), or ``base``
+    as the caller made it, with ``threads`` set on it. Ours: every graph optimisation, sequential execution,
+    ``threads`` intra-op threads and one inter-op thread (a segment is a chain of operators). Each session has its
+    own intra-op thread pool; with several threads its workers stop spinning when a run ends
+    (``session.force_spinning_stop``), or they would spin on the cores the next segment's run needs."""
+    if threads is not None and threads < 1:
+        raise UserInputError(f"threads must be >= 1, got {threads}")
+    if base is not None:
+        options = base
     else:
+        options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only: not one warning per session about unused initializers
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     if threads is not None:
-        if threads < 1:
-            raise UserInputError(f"threads must be >= 1, got {threads}")
         options.intra_op_num_threads = threads
     return options
