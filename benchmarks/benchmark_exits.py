@@ -828,7 +828,8 @@ class StockLogits(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
 
 
-def ort_stock_session(module: torch.nn.Module, example: dict[str, torch.Tensor], path: Path, threads: int):  # noqa: ANN201
+def ort_stock_session(module: torch.nn.Module, example: dict[str, torch.Tensor], path: Path, threads: int,  # noqa: ANN201
+                      providers: list[str] | None = None):
     """``module`` (inputs input_ids, attention_mask, token_type_ids -> logits) exported whole, as one ONNX file, and
     its ONNX Runtime session: the stock model as a deployment guide would export it."""
     import onnxruntime as ort
@@ -837,11 +838,13 @@ def ort_stock_session(module: torch.nn.Module, example: dict[str, torch.Tensor],
     from multiexit.onnx.runtime import make_session_options
 
     if not path.is_file():
+        device = next(module.parameters()).device
         with torch.no_grad():
-            export_module(module.eval(), (example["input_ids"], example["attention_mask"], example["token_type_ids"]),
+            export_module(module.eval(), tuple(example[key].to(device) for key in (INPUT_IDS, ATTENTION_MASK,
+                                                                                   TOKEN_TYPE_IDS)),
                           str(path), [INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS], [EXIT_LOGITS])
     return ort.InferenceSession(str(path), make_session_options(ort, None, threads),
-                                providers=["CPUExecutionProvider"])
+                                providers=providers or ["CPUExecutionProvider"])
 
 
 def numpy_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -850,16 +853,16 @@ def numpy_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
 
 @torch.no_grad()
 def measure_ort_bs1(pair: ModelPair, regime: Regime, policies: list[ExitPolicy], args: argparse.Namespace,
-                    folder: Path, threads: int) -> dict:
+                    folder: Path, threads: int, providers: list[str] | None = None) -> dict:
     """(f): ONNX Runtime early exit at batch size 1 (the segments of ``folder``) against the stock model exported
     whole and run by ONNX Runtime, per setting of (a): wall speed-up ÷ layer speed-up; beside it the speed-up over
-    the segments run to full depth (budget(L))."""
+    the segments run to full depth (budget(L)). ``providers``: ONNX Runtime's (default: CPU)."""
     from multiexit.onnx import OnnxMultiExitModel
 
     inputs = regime.singles[: args.examples]
     feeds = [numpy_inputs(x) for x in inputs]
-    runtime = OnnxMultiExitModel.from_pretrained(folder / "segments", threads=threads)
-    stock = ort_stock_session(StockLogits(pair.stock), inputs[0], folder / "stock.onnx", threads)
+    runtime = OnnxMultiExitModel.from_pretrained(folder / "segments", threads=threads, providers=providers)
+    stock = ort_stock_session(StockLogits(pair.stock), inputs[0], folder / "stock.onnx", threads, providers)
     num_layers = pair.num_layers
     variants: dict[str, Callable[[int], object]] = {
         "ort stock full depth": lambda i: stock.run(None, feeds[i]),
@@ -883,6 +886,7 @@ def measure_ort_bs1(pair: ModelPair, regime: Regime, policies: list[ExitPolicy],
         row["pass"] = passes("f", row["ratio"])
         rows.append(row)
     return {"model": pair.name, "regime": regime.name, "threads": threads, "examples": len(inputs),
+            "provider": (providers or ["CPUExecutionProvider"])[0],
             "mean_tokens": float(np.mean([x["input_ids"].shape[1] for x in inputs])),
             "stock_s_per_example": stock_t.wall_s / len(inputs),
             "segments_full_depth_s_per_example": segments_t.wall_s / len(inputs),
@@ -1086,7 +1090,7 @@ def run_cuda(args: argparse.Namespace, tokenizer, sentences: list, results: dict
     """bert-base size, 128 tokens: bs1 eager vs CUDA graphs; batched at 32 and 128 in fp16 and bf16. (With
     ``--gpu_section_on_cpu`` the same code runs on CPU without capturing graphs: a rehearsal, not a measurement.)"""
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
-    cuda = results["measurements"]["cuda"] = {"bs1": [], "b": [], "c": []}
+    cuda = results["measurements"]["cuda"] = {"bs1": [], "b": [], "c": [], "f": []}
     name = "tiny" if args.smoke else "bert-base"
     pair = build_models(name, tokenizer, device, exit_head_type=args.exit_head_type)
     results["models"][f"{name} (cuda)"] = pair.description
@@ -1100,6 +1104,20 @@ def run_cuda(args: argparse.Namespace, tokenizer, sentences: list, results: dict
         cuda["bs1"].append(bs1)
         cuda["b"].append({**measure_decision_share(pair, cache, policies, bs1["per_layer_s"], args),
                           "regime": regime.name, "cuda_graphs": graphs})
+    if args.onnx and onnx_missing():
+        results["skipped"].append(onnx_missing())
+    elif args.onnx:  # (f) on ONNX Runtime's CUDA provider: the state stays on the GPU, only exit logits come back
+        import onnxruntime
+
+        provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
+        if provider not in onnxruntime.get_available_providers():
+            results["skipped"].append("ONNX Runtime on CUDA: onnxruntime has no CUDAExecutionProvider here (install "
+                                      "onnxruntime-gpu)")
+        else:
+            progress(f"{name} / seq{args.seq} on {device.type}: (f) ONNX Runtime early exit, {provider}")
+            with tempfile.TemporaryDirectory() as workdir:
+                folder = export_for_ort(pair, Path(workdir))
+                cuda["f"] = [measure_ort_bs1(pair, regime, policies, args, folder, 1, [provider])]
     for batch_size in (32, 128):
         big = build_regimes(tokenizer, sentences, 8, batch_size, args.batches, args.seq)[f"seq{args.seq}"]
         for dtype in (torch.float16, torch.bfloat16):
@@ -1172,8 +1190,8 @@ def summary_lines(results: dict) -> list[str]:
     for key in ("d", "e"):
         for block in m[key]:
             add(key, block["model"], [block["ratio"]], [block["pass"]], lambda v: f"{v:.3f}")
-    for block in m.get("f", []):
-        add("f", f"{block['model']} / {block['regime']}, {block['threads']} thread(s)",
+    for block in m.get("f", []) + (m.get("cuda") or {}).get("f", []):
+        add("f", f"{block['model']} / {block['regime']}, {block['threads']} thread(s), {block['provider']}",
             [r["ratio"] for r in block["rows"]], [r["pass"] for r in block["rows"]], lambda v: f"{v:.3f}")
     for block in m.get("fastest", []):
         ours = [r for r in block["rows"] if "pass" in r]
@@ -1250,7 +1268,8 @@ def bs1_lines(block: dict) -> list[str]:
 def onnx_lines(m: dict) -> list[str]:
     """(f) and the fastest path to the demo's accuracy (ONNX Runtime)."""
     lines = []
-    if m.get("f"):
+    f_blocks = m.get("f", []) + (m.get("cuda") or {}).get("f", [])
+    if f_blocks:
         lines += ["", "## (f) Early exit on ONNX Runtime", "",
                   "The multi-exit model exported as segments (`python -m multiexit.onnx export`: the embeddings, then "
                   "each layer with its exit head) and run by `OnnxMultiExitModel.early_exit` at batch size 1, against "
@@ -1261,9 +1280,10 @@ def onnx_lines(m: dict) -> list[str]:
                   "| model / inputs | threads | stock, ms/example | segments full depth | policy | setting | avg exit "
                   "| L/avg | wall speed-up | ratio | ratio (min of repeats) | ratio over segments | |",
                   "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
-        for block in m["f"]:
+        for block in f_blocks:
+            provider = "" if block["provider"] == "CPUExecutionProvider" else f", {block['provider']}"
             for r in block["rows"]:
-                lines.append(f"| {block['model']} / {block['regime']} ({block['mean_tokens']:.0f} tokens) | "
+                lines.append(f"| {block['model']} / {block['regime']} ({block['mean_tokens']:.0f} tokens{provider}) | "
                              f"{block['threads']} | {ms(block['stock_s_per_example'])} | "
                              f"{ms(block['segments_full_depth_s_per_example'])} | {r['policy']} | `{r['setting']}` | "
                              f"{r['avg_exit_layer']:.2f} | {r['layer_speedup']:.2f} | {r['wall_speedup']:.2f} | "

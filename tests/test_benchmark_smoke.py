@@ -110,6 +110,8 @@ def test_cuda_section_rehearsed_on_cpu(tmp_path: Path) -> None:
     for block in cuda["bs1"]:
         assert block["rows"] and all(math.isfinite(row["ratio"]) and row["ratio"] > 0 for row in block["rows"])
     assert all(math.isfinite(row["ratio"]) for block in cuda["c"] for row in block["rows"])
+    # (f) on ONNX Runtime's CUDA provider: rehearsed here on its CPU provider
+    assert [block["provider"] for block in cuda["f"]] == ["CPUExecutionProvider"] and cuda["f"][0]["rows"]
     assert "## CUDA: batch size 1, eager and CUDA graphs" in (tmp_path / "B.md").read_text()
 
 
