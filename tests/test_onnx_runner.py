@@ -84,7 +84,23 @@ def test_refused_combinations(tiny_checkpoint: tuple[Path, Path], tmp_path: Path
     assert not (tmp_path / "onnx").exists()
 
 
-def test_ort_threads_needs_the_runtime(tiny_checkpoint: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("flag", [["--ort_threads", "2"], ["--onnx_int8"]])
+def test_onnx_flags_need_the_runtime(tiny_checkpoint: tuple[Path, Path], tmp_path: Path, flag: list[str]) -> None:
     model, data = tiny_checkpoint
-    status, err = run_main(eval_argv(model, data, tmp_path, "--ort_threads", "2"))
-    assert status == 2 and "add --runtime onnxruntime" in err
+    status, err = run_main(eval_argv(model, data, tmp_path, *flag))
+    assert status == 2 and f"{flag[0]} is for ONNX Runtime: add --runtime onnxruntime" in err
+
+
+@pytest.mark.slow
+def test_int8_evaluation(tiny_checkpoint: tuple[Path, Path], tmp_path: Path) -> None:
+    """--onnx_int8: every layer scored from the int8 export (its own folder), verified online against its replay."""
+    model, data = tiny_checkpoint
+    status, err = run_main(eval_argv(model, data, tmp_path, "--runtime", "onnxruntime", "--onnx_int8",
+                                     "--eval_each_highway", "--per_gpu_eval_batch_size", "1", "--patience", "1",
+                                     "--online", "--verify_online"))
+    assert status == 0, err
+    assert json.loads((tmp_path / "onnx" / "model-int8" / "manifest.json").read_text())["int8"] is True
+    records = read_records(tmp_path)
+    assert {record["runtime"] for record in records} == {"onnxruntime-int8"}
+    assert len([r for r in records if r["mode"] == "replay" and r["policy"] == "budget"]) == 4  # every layer
+    assert all(r["verified_against_replay"] for r in records if r["mode"] == "online")

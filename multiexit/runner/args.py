@@ -168,6 +168,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     evaluation.add_argument("--ort_threads", type=int, default=None,
                             help="--runtime onnxruntime: intra-op threads per session (default: torch's thread count, "
                                  "so that both runtimes are timed alike)")
+    evaluation.add_argument("--onnx_int8", action="store_true",
+                            help="--runtime onnxruntime: evaluate the int8 export (dynamic quantisation of the "
+                                 "layers; exported to <output_dir>/onnx/<checkpoint>-int8)")
     evaluation.add_argument("--timing_repeats", type=int, default=3, help="timed passes per setting (median)")
     evaluation.add_argument("--timing_warmup", type=int, default=3, help="untimed warm-up batches")
     evaluation.add_argument("--calibrate_speedup", default=None,
@@ -260,8 +263,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserInputError(f"--stage2_learning_rate must be a finite number >= 0, got {args.stage2_learning_rate}")
     if args.runtime == "onnxruntime":
         check_onnxruntime_args(args)
-    elif args.ort_threads is not None:
-        raise UserInputError("--ort_threads sets ONNX Runtime's threads: add --runtime onnxruntime, or drop it")
+    elif args.ort_threads is not None or args.onnx_int8:
+        flag = "--ort_threads" if args.ort_threads is not None else "--onnx_int8"
+        raise UserInputError(f"{flag} is for ONNX Runtime: add --runtime onnxruntime, or drop it")
     if args.max_seq_length > 512:
         logger.warning("--max_seq_length %d is above BERT's usual 512 positions", args.max_seq_length)
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):

@@ -191,7 +191,8 @@ class ResultWriter:
             "split": self.args.eval_split,
             **({"heldout_fraction": self.args.heldout_fraction} if self.args.eval_split == "heldout" else {}),
             "mode": mode,
-            "runtime": getattr(self.args, "runtime", "torch"),
+            "runtime": getattr(self.args, "runtime", "torch") + ("-int8" if getattr(self.args, "onnx_int8", False)
+                                                                 else ""),
             **score.summary(),
             "main_metric": self.task.main_metric,
             "wall_time_s": None,

@@ -259,7 +259,7 @@ def load_onnx_model(args: argparse.Namespace, model: torch.nn.Module, folder: st
     from multiexit.onnx.export import find_or_export
     from multiexit.onnx.runtime import CUDA_PROVIDER, OnnxMultiExitModel
 
-    find_or_export(model, folder, tokenizer)
+    find_or_export(model, folder, tokenizer, int8=args.onnx_int8)
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda":
         if CUDA_PROVIDER in onnxruntime.get_available_providers():

@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         for checkpoint in checkpoints:
             model = load_model(args, task, checkpoint)
             if args.runtime == "onnxruntime":
-                export_dir = os.path.join(args.output_dir, "onnx", checkpoint_label(args, checkpoint))
+                export_dir = os.path.join(args.output_dir, "onnx", checkpoint_label(args, checkpoint)
+                                          + ("-int8" if args.onnx_int8 else ""))
                 model = load_onnx_model(args, model, export_dir, tokenizer, accelerator.device)
             result = evaluate_checkpoint(args, accelerator, task, checkpoint, model, tokenizer, eval_features,
                                          requested)
