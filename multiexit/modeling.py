@@ -505,7 +505,7 @@ class MultiExitMixin:
 
     def _layer_mask(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The mask every layer's attention takes, made from the [b, T] attention mask (always materialised: the
-        exported layers of :mod:`multiexit.onnx` build it inside each segment with this same call)."""
+        embeddings segment of :mod:`multiexit.onnx` makes it with this same call, with the token weights below)."""
         return create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states,
                                          attention_mask=attention_mask, allow_is_bidirectional_skip=False)
 
