@@ -934,7 +934,8 @@ def demo_setup(args: argparse.Namespace, tokenizer, workdir: Path):  # noqa: ANN
 
 
 @torch.no_grad()
-def measure_fastest_path(args: argparse.Namespace, tokenizer, workdir: Path, results: dict) -> list[dict]:  # noqa: ANN001
+def measure_fastest_path(args: argparse.Namespace, tokenizer, workdir: Path, results: dict,  # noqa: ANN001
+                         thread_counts: tuple[int, ...] = (1, 2)) -> list[dict]:
     """ms per example at batch size 1 of every way to run the demo model to its accuracy, at 1 and 2 threads, from
     one interleaved run per thread count: torch eager and torch.compile (inductor, dynamic shapes) of the stock model
     (all layers, the final exit), that model exported whole to ONNX Runtime, torch early exit and ONNX Runtime early
@@ -963,7 +964,7 @@ def measure_fastest_path(args: argparse.Namespace, tokenizer, workdir: Path, res
     ort_stock_session(stock, inputs[0], workdir / "stock.onnx", 1)
     quantize(str(workdir / "stock.onnx"), str(workdir / "stock-int8.onnx"))
     blocks, previous_threads = [], torch.get_num_threads()
-    for threads in (1, 2):
+    for threads in thread_counts:
         torch.set_num_threads(threads)
         progress(f"fastest path to the demo's accuracy, {threads} thread(s)")
         blocks.append(fastest_path_block(args, threads, model, stock, compiled, inputs, labels, settings, workdir))
@@ -1028,15 +1029,74 @@ def fastest_path_block(args: argparse.Namespace, threads: int, model: torch.nn.M
             "load_average": [load_before, load_now()]}
 
 
-def run_onnx(args: argparse.Namespace, tokenizer, pair: ModelPair, regimes: dict[str, Regime],  # noqa: ANN001
-             policies_by_regime: dict[str, list[ExitPolicy]], workdir: Path, results: dict) -> None:
-    """(f) for every setting of (a) at 1 and 2 threads."""
-    folder = export_for_ort(pair, workdir / pair.name)
-    for regime in regimes.values():
-        for threads in (1, 2):
-            progress(f"{pair.name} / {regime.name}: (f) ONNX Runtime at bs 1, {threads} thread(s)")
-            results["measurements"]["f"].append(measure_ort_bs1(pair, regime, policies_by_regime[regime.name], args,
-                                                                folder, threads))
+def onnx_section(args: argparse.Namespace, tokenizer, sentences: list, threads: int, results: dict) -> None:  # noqa: ANN001
+    """(f) for every setting of (a) at ``threads`` threads. The models, inputs and settings are made as for (a)
+    (seeded), so a fresh process finds the same ones."""
+    device = torch.device("cpu")
+    for model_name in [name for name in args.models if name in ("minilm", "tiny")]:
+        pair = build_models(model_name, tokenizer, device, exit_head_type=args.exit_head_type)
+        regimes = build_regimes(tokenizer, sentences, args.examples, args.batch_size, args.batches, args.seq)
+        with tempfile.TemporaryDirectory() as workdir:
+            folder = export_for_ort(pair, Path(workdir) / pair.name)
+            for regime in regimes.values():
+                policies = pick_settings(cache_logits(pair.ours, regime.batches, device), pair.num_layers,
+                                         args.exit_fractions)
+                progress(f"{pair.name} / {regime.name}: (f) ONNX Runtime at bs 1, {threads} thread(s)")
+                results["measurements"]["f"].append(measure_ort_bs1(pair, regime, policies, args, folder, threads))
+
+
+def run_onnx(args: argparse.Namespace, tokenizer, sentences: list, results: dict) -> None:  # noqa: ANN001
+    """The ONNX Runtime measurements. (f) at 1 thread here, and at 2 threads in a fresh process whose sessions share
+    one thread pool, as the runner's do (``share_thread_pool``: the pool belongs to a process; a chain of sessions
+    with a pool each is slower at several threads); its blocks in the order of (a), then threads. The fastest path
+    here at 1 and 2 threads, sessions with a pool each, whose workers stop spinning after each run: a shared pool's
+    spinning workers (ONNX Runtime's Python API cannot stop them) would slow the torch paths timed beside them."""
+    if onnx_missing():
+        results["skipped"].append(onnx_missing())
+        return
+    onnx_section(args, tokenizer, sentences, 1, results)
+    child = onnx_in_fresh_process(args, 2)
+    results["measurements"]["f"] += child["measurements"]["f"]
+    results["skipped"] += child["skipped"]
+    results["notes"] += child["notes"]
+    regimes = list(dict.fromkeys(block["regime"] for block in results["measurements"]["f"]))
+    results["measurements"]["f"].sort(key=lambda block: (block["model"], regimes.index(block["regime"]),
+                                                         block["threads"]))
+    with tempfile.TemporaryDirectory() as workdir:
+        results["measurements"]["fastest"] = measure_fastest_path(args, tokenizer, Path(workdir), results)
+
+
+def onnx_in_fresh_process(args: argparse.Namespace, threads: int) -> dict:
+    """:func:`onnx_section` at ``threads`` threads in a new interpreter (this file with ``--_onnx_child``), which
+    shares one ONNX Runtime thread pool among its sessions."""
+    argv, skip = [], False
+    for arg in args.argv:  # the parent's command line, less the files that only the parent writes
+        if not skip and arg in ("--output", "--json"):
+            skip = True
+        elif not skip and not arg.startswith(("--output=", "--json=")):
+            argv.append(arg)
+        else:
+            skip = False
+    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--_onnx_child", str(threads)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"the ONNX Runtime measurements at {threads} threads failed in their own process:\n"
+                         f"{done.stderr[-3000:]}")
+    sys.stderr.write("".join(line + "\n" for line in done.stderr.splitlines() if line.startswith("[benchmark")))
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def onnx_child(args: argparse.Namespace, tokenizer, sentences: list) -> None:  # noqa: ANN001
+    """The fresh process of :func:`onnx_in_fresh_process`: share the pool, measure, print the results as JSON."""
+    from multiexit.onnx.runtime import share_thread_pool
+
+    threads = args._onnx_child
+    share_thread_pool(threads)
+    results = {"measurements": {"f": []}, "skipped": [], "notes": []}
+    onnx_section(args, tokenizer, sentences, threads, results)
+    for block in results["measurements"]["f"]:
+        block["shared_thread_pool"] = True
+    print(json.dumps(results))
 
 
 # ====================================================================================================================
@@ -1067,10 +1127,9 @@ def run_cpu(args: argparse.Namespace, tokenizer, sentences: list, results: dict)
             continue
         results["models"][model_name] = pair.description
         regimes = build_regimes(tokenizer, sentences, args.examples, args.batch_size, args.batches, args.seq)
-        policies_by_regime = {}
         for regime in regimes.values():
             cache = cache_logits(pair.ours, regime.batches, device)
-            policies = policies_by_regime[regime.name] = pick_settings(cache, pair.num_layers, args.exit_fractions)
+            policies = pick_settings(cache, pair.num_layers, args.exit_fractions)
             progress(f"{model_name} / {regime.name}: floor, (a) and (b) at bs 1 ({len(policies)} settings)")
             bs1 = measure_bs1(pair, regime, policies, args, device)
             m["a"].append(bs1)
@@ -1081,15 +1140,8 @@ def run_cpu(args: argparse.Namespace, tokenizer, sentences: list, results: dict)
         progress(f"{model_name}: (d) replay sweep and (e) training step")
         m["d"].append(measure_sweep(pair, regimes["real"], args, device))
         m["e"].append(measure_training(pair, regimes["real"], args, device))
-        if args.onnx and model_name in ("minilm", "tiny") and not onnx_missing():
-            with tempfile.TemporaryDirectory() as workdir:
-                run_onnx(args, tokenizer, pair, regimes, policies_by_regime, Path(workdir), results)
     if args.onnx and args.models:
-        if onnx_missing():
-            results["skipped"].append(onnx_missing())
-        else:
-            with tempfile.TemporaryDirectory() as workdir:
-                m["fastest"] = measure_fastest_path(args, tokenizer, Path(workdir), results)
+        run_onnx(args, tokenizer, sentences, results)
     progress("done")
 
 
@@ -1283,7 +1335,8 @@ def onnx_lines(m: dict) -> list[str]:
                   "the stock model exported whole (`torch.onnx.export`, one ONNX Runtime session, every graph "
                   "optimisation) at full depth, interleaved per example; the settings of (a). Ratio: wall speed-up ÷ "
                   "L / avg exit; target ≥ 0.9. Beside it (no target) the same against the segments run to full depth "
-                  "(budget(L)).", "",
+                  "(budget(L)). With 2 threads the segments' sessions share one thread pool "
+                  "(`multiexit.onnx.runtime.share_thread_pool`, in a process of its own), as the runner's do.", "",
                   "| model / inputs | threads | stock, ms/example | segments full depth | policy | setting | avg exit "
                   "| L/avg | wall speed-up | ratio | ratio (min of repeats) | ratio over segments | |",
                   "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -1303,7 +1356,8 @@ def onnx_lines(m: dict) -> list[str]:
                   f"interleaved per document, {block['threads']} thread(s) for torch and ONNX Runtime alike. Stock: "
                   "the encoder with all its layers and the final exit's head. Speed-up: ONNX Runtime stock's time ÷ "
                   "the path's (one run). Target: ONNX Runtime early exit the fastest fp32 path to its setting's "
-                  "accuracy, at ≥ 1.8× ONNX Runtime stock.", "",
+                  "accuracy, at ≥ 1.8× ONNX Runtime stock. Every ONNX Runtime session has its own thread pool here "
+                  "(a shared pool's workers keep spinning and would slow the torch paths timed beside them).", "",
                   "| path | setting | ms / example | accuracy | layers | speed-up over ONNX Runtime stock | (min of "
                   "repeats) | |", "|---|---|---:|---:|---:|---:|---:|---|"]
         for r in block["rows"]:
@@ -1466,8 +1520,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpu_section_on_cpu", action="store_true",
                         help="rehearse the GPU section's code on CPU (graphs not captured; the numbers mean nothing)")
     parser.add_argument("--_overhead_child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_onnx_child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_code_folder", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # (the ONNX Runtime child process gets the same)
     args.models = [name for name in args.models.split(",") if name]
     args.exit_fractions = [float(f) for f in args.exit_fractions.split(",")]
     args.overhead_policies = [name for name in args.overhead_policies.split(",") if name]
@@ -1498,6 +1554,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     started = _RUN_STARTED[0] = time.perf_counter()
     device = torch.device(args.device)
     source, sentences = load_sentences(args.smoke)
+    if args._onnx_child is not None:
+        onnx_child(args, tokenizer, sentences)
+        return None
     results: dict = {"command": "python benchmarks/benchmark_exits.py " + shlex.join(argv if argv is not None
                                                                                       else sys.argv[1:]),
                      "machine": machine_info(device), "args": vars(args), "data_source": source, "models": {},

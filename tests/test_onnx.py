@@ -300,6 +300,26 @@ def test_refusals(tmp_path: Path) -> None:
             OnnxMultiExitModel.from_pretrained(folder, providers=["CUDAExecutionProvider"])
 
 
+def test_a_shared_thread_pool_gives_the_same_answers(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """share_thread_pool (in a fresh process: the pool is the process's): every session runs on it, the answers are
+    the per-session pools' (within float rounding), and the pool cannot change size afterwards."""
+    model, runtime = exported(tmp_path_factory, "bert", "mean")
+    batch = padded_batch(model.config)
+    code = ("import json, sys, torch\n"
+            "from multiexit.errors import UserInputError\n"
+            "from multiexit.onnx.runtime import OnnxMultiExitModel, share_thread_pool\n"
+            "share_thread_pool(2); share_thread_pool(2)\n"
+            "model = OnnxMultiExitModel.from_pretrained(sys.argv[1], threads=1)\n"
+            "batch = {key: torch.tensor(value) for key, value in json.loads(sys.argv[2]).items()}\n"
+            "try:\n    share_thread_pool(3)\nexcept UserInputError:\n    pass\nelse:\n    raise SystemExit('resized')\n"
+            "print(json.dumps(model(**batch).all_logits.tolist()))\n")
+    done = subprocess.run([sys.executable, "-c", code, runtime.folder,
+                           json.dumps({key: value.tolist() for key, value in batch.items()})],
+                          capture_output=True, text=True, check=True)
+    shared = torch.tensor(json.loads(done.stdout.strip().splitlines()[-1]))
+    torch.testing.assert_close(shared, runtime(**batch).all_logits, atol=1e-6, rtol=1e-6)
+
+
 def test_missing_extra_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
     with pytest.raises(UserInputError, match=r"pip install \.\[onnx\]"):

@@ -369,7 +369,7 @@ def check_agreement(model: MultiExitMixin, folder: str, manifest: Manifest) -> N
 
     example = _example_inputs(model.config, 3, 11, seed=1)
     expected = model(**example).all_logits
-    runtime = OnnxMultiExitModel.from_pretrained(folder, threads=1, manifest=manifest)
+    runtime = OnnxMultiExitModel.from_pretrained(folder, manifest=manifest)
     found = runtime(**example).all_logits
     if not torch.allclose(found, expected, atol=ATOL, rtol=RTOL):
         worst = float((found - expected).abs().max())

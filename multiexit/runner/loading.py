@@ -257,8 +257,11 @@ def load_onnx_model(args: argparse.Namespace, model: torch.nn.Module, folder: st
     import onnxruntime
 
     from multiexit.onnx.export import find_or_export
-    from multiexit.onnx.runtime import CUDA_PROVIDER, OnnxMultiExitModel
+    from multiexit.onnx.runtime import CUDA_PROVIDER, OnnxMultiExitModel, share_thread_pool
 
+    threads = args.ort_threads or torch.get_num_threads()
+    if threads > 1:  # one pool for the chain of segment sessions (a run is one process: the pool is the process's)
+        share_thread_pool(threads)
     find_or_export(model, folder, tokenizer, int8=args.onnx_int8)
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda":
@@ -267,6 +270,5 @@ def load_onnx_model(args: argparse.Namespace, model: torch.nn.Module, folder: st
         else:
             logger.warning("--runtime onnxruntime on a GPU machine, but onnxruntime has no CUDA provider (install "
                            "onnxruntime-gpu): running on the CPU")
-    threads = args.ort_threads or torch.get_num_threads()
     logger.info("ONNX Runtime: %s, %d intra-op thread(s), export %s", providers[0], threads, folder)
     return OnnxMultiExitModel.from_pretrained(folder, threads=threads, providers=providers)
