@@ -54,6 +54,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -91,6 +92,10 @@ TARGETS: dict[str, tuple[str, float, str]] = {
     "c": (">=", 0.80, "batched early-exit throughput ÷ full-depth throughput ÷ layer speed-up"),
     "d": ("<=", 1.20, "100-setting replay sweep ÷ one full-depth eval pass"),
     "e": ("<=", 1.10, "multi-exit training step ÷ single-exit fine-tuning step"),
+    "f": (">=", 0.90, "ONNX Runtime early exit at bs1: wall speed-up over the stock model on ONNX Runtime ÷ layer "
+                      "speed-up"),
+    "fastest": (">=", 1.80, "demo model: ONNX Runtime early exit's speed ÷ the stock model's on ONNX Runtime, the "
+                            "fastest fp32 path to the setting's accuracy"),
 }
 
 
@@ -780,6 +785,321 @@ def measure_training(pair: ModelPair, regime: Regime, args: argparse.Namespace, 
 
 
 # ====================================================================================================================
+# ONNX Runtime: (f) and the fastest path to the demo's accuracy
+# ====================================================================================================================
+
+
+def onnx_missing() -> str | None:
+    """Why the ONNX Runtime measurements cannot run here (None when they can)."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as error:
+        return f"ONNX Runtime measurements: {error} (pip install .[onnx])"
+    return None
+
+
+class FinalExitStock(torch.nn.Module):
+    """What a user deploys without early exit: the stock encoder (HF ``BertModel`` etc., all layers) and the multi-exit
+    model's final exit head, read as the exits read (``_token_weights``, ``_exit_logits``)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.modules_ = model.loop_modules()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+                ) -> torch.Tensor:
+        hidden = self.model._backbone()(input_ids=input_ids, attention_mask=attention_mask,
+                                        token_type_ids=token_type_ids).last_hidden_state
+        weights = self.model._token_weights(hidden, attention_mask)
+        return self.model._exit_logits(len(self.modules_.layers) - 1, hidden, weights, self.modules_)
+
+
+class StockLogits(torch.nn.Module):
+    """A stock ``*ForSequenceClassification`` returning its logits tensor (what ONNX export needs)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+                ) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+
+
+def ort_stock_session(module: torch.nn.Module, example: dict[str, torch.Tensor], path: Path, threads: int,  # noqa: ANN201
+                      providers: list[str] | None = None):
+    """``module`` (inputs input_ids, attention_mask, token_type_ids -> logits) exported whole, as one ONNX file, and
+    its ONNX Runtime session: the stock model as a deployment guide would export it."""
+    import onnxruntime as ort
+
+    from multiexit.onnx.export import ATTENTION_MASK, EXIT_LOGITS, INPUT_IDS, TOKEN_TYPE_IDS, export_module
+    from multiexit.onnx.runtime import make_session_options
+
+    if not path.is_file():
+        device = next(module.parameters()).device
+        with torch.no_grad():
+            export_module(module.eval(), tuple(example[key].to(device) for key in (INPUT_IDS, ATTENTION_MASK,
+                                                                                   TOKEN_TYPE_IDS)),
+                          str(path), [INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS], [EXIT_LOGITS])
+    return ort.InferenceSession(str(path), make_session_options(ort, None, threads),
+                                providers=providers or ["CPUExecutionProvider"])
+
+
+def numpy_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {key: value.numpy() for key, value in inputs.items()}
+
+
+@torch.no_grad()
+def measure_ort_bs1(pair: ModelPair, regime: Regime, policies: list[ExitPolicy], args: argparse.Namespace,
+                    folder: Path, threads: int, providers: list[str] | None = None) -> dict:
+    """(f): ONNX Runtime early exit at batch size 1 (the segments of ``folder``) against the stock model exported
+    whole and run by ONNX Runtime, per setting of (a): wall speed-up ÷ layer speed-up; beside it the speed-up over
+    the segments run to full depth (budget(L)). ``providers``: ONNX Runtime's (default: CPU)."""
+    from multiexit.onnx import OnnxMultiExitModel
+
+    inputs = regime.singles[: args.examples]
+    feeds = [numpy_inputs(x) for x in inputs]
+    runtime = OnnxMultiExitModel.from_pretrained(folder / "segments", threads=threads, providers=providers)
+    stock = ort_stock_session(StockLogits(pair.stock), inputs[0], folder / "stock.onnx", threads, providers)
+    num_layers = pair.num_layers
+    variants: dict[str, Callable[[int], object]] = {
+        "ort stock full depth": lambda i: stock.run(None, feeds[i]),
+        f"ort budget({num_layers})": lambda i: runtime.early_exit(**inputs[i], policy=BudgetExit(layer=num_layers)),
+    }
+    for policy in policies:
+        variants[policy.label()] = lambda i, p=policy: runtime.early_exit(**inputs[i], policy=p).exit_layers
+    load_before = load_now()
+    timings, results = interleaved(variants, len(inputs), args.repeats, torch.device("cpu"), warmup=2)
+    stock_t, segments_t = timings["ort stock full depth"], timings[f"ort budget({num_layers})"]
+    rows = []
+    for policy in policies:
+        avg = float(torch.cat(results[policy.label()]).float().mean())
+        t = timings[policy.label()]
+        layer_speedup = num_layers / avg
+        row = {"policy": policy.name, "setting": policy.label(), "avg_exit_layer": avg, "layer_speedup": layer_speedup,
+               "wall_s": t.wall_s, "wall_speedup": stock_t.wall_s / t.wall_s,
+               "ratio": stock_t.wall_s / t.wall_s / layer_speedup,
+               "ratio_min": stock_t.wall_min_s / t.wall_min_s / layer_speedup,
+               "ratio_over_segments": segments_t.wall_s / t.wall_s / layer_speedup}
+        row["pass"] = passes("f", row["ratio"])
+        rows.append(row)
+    return {"model": pair.name, "regime": regime.name, "threads": threads, "examples": len(inputs),
+            "provider": (providers or ["CPUExecutionProvider"])[0],
+            "mean_tokens": float(np.mean([x["input_ids"].shape[1] for x in inputs])),
+            "stock_s_per_example": stock_t.wall_s / len(inputs),
+            "segments_full_depth_s_per_example": segments_t.wall_s / len(inputs),
+            "load_average": [load_before, load_now()], "rows": rows}
+
+
+def export_for_ort(pair: ModelPair, folder: Path) -> Path:
+    """The model's segments in ``folder/segments`` (exported once per model and run)."""
+    from multiexit.onnx import export_onnx
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "segments" / "onnx_manifest.json").is_file():
+        export_onnx(pair.ours, str(folder / "segments"), progress=False)
+    return folder
+
+
+def demo_setup(args: argparse.Namespace, tokenizer, workdir: Path):  # noqa: ANN001, ANN201
+    """The fastest path's model and inputs: the trained demo model (``make demo``) on the first documents of BBC News
+    dev at the demo's 64 tokens; with --smoke a tiny random multi-exit model saved with the packaged tokenizer, on
+    synthetic text. Returns (model folder, [inputs], labels) or None with the reason."""
+    if args.smoke:
+        from multiexit.tiny import tiny_model
+
+        folder = workdir / "tiny-demo"
+        model = tiny_model("bert", layers=6, num_labels=5, vocab_size=len(tokenizer), exit_pooling="mean",
+                           max_position_embeddings=128)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        rows = load_sentences(True)[1][: args.demo_examples]
+        texts, labels = [text for text, _ in rows], [label % 5 for _, label in rows]
+    else:
+        folder = Path(args.demo_model)
+        if not (folder / "config.json").is_file():
+            return None, f"fastest path: no trained demo model at {folder} (run make demo, or pass --demo_model)"
+        from multiexit.data import get_task, read_examples
+
+        examples = read_examples(get_task("bbc-news"), "dev", None)[: args.demo_examples]
+        texts, labels = [e.text_a for e in examples], [int(e.label) for e in examples]
+    inputs = []
+    for text in texts:
+        encoded = tokenizer(text, truncation=True, max_length=args.demo_max_seq_length, return_tensors="pt")
+        inputs.append({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
+                       "token_type_ids": torch.zeros_like(encoded["input_ids"])})
+    return (folder, inputs, np.array(labels)), None
+
+
+@torch.no_grad()
+def measure_fastest_path(args: argparse.Namespace, tokenizer, workdir: Path, results: dict,  # noqa: ANN001
+                         thread_counts: tuple[int, ...] = (1, 2)) -> list[dict]:
+    """ms per example at batch size 1 of every way to run the demo model to its accuracy, at 1 and 2 threads, from
+    one interleaved run per thread count: torch eager and torch.compile (inductor, dynamic shapes) of the stock model
+    (all layers, the final exit), that model exported whole to ONNX Runtime, torch early exit and ONNX Runtime early
+    exit for the demo's DeeBERT 0.7 and PABEE 2 settings, and both ONNX Runtime paths int8-quantised."""
+    from multiexit.bert import MultiExitBertForSequenceClassification
+    from multiexit.onnx import export_onnx
+
+    setup, reason = demo_setup(args, tokenizer, workdir)
+    if setup is None:
+        results["skipped"].append(reason)
+        return []
+    folder, inputs, labels = setup
+    model = MultiExitBertForSequenceClassification.from_pretrained(str(folder)).eval()
+    for name, int8 in (("segments", False), ("segments-int8", True)):
+        export_onnx(model, str(workdir / name), int8=int8, progress=False)
+    stock = FinalExitStock(model).eval()
+    compiled = torch.compile(stock, dynamic=True, backend="eager" if args.smoke else "inductor")
+    try:  # compiled here, outside the timed runs (inductor needs a C++ compiler)
+        compiled(**inputs[0])
+    except Exception as error:  # noqa: BLE001 - any failure to compile leaves that path out, said in the report
+        results["notes"].append(f"fastest path: torch.compile failed ({type(error).__name__}: {error}), left out")
+        compiled = None
+    settings = {"DeeBERT 0.7": EntropyExit(threshold=0.7), "PABEE 2": PatienceExit(patience=2)}
+    from multiexit.onnx.export import quantize
+
+    ort_stock_session(stock, inputs[0], workdir / "stock.onnx", 1)
+    quantize(str(workdir / "stock.onnx"), str(workdir / "stock-int8.onnx"))
+    blocks, previous_threads = [], torch.get_num_threads()
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        progress(f"fastest path to the demo's accuracy, {threads} thread(s)")
+        blocks.append(fastest_path_block(args, threads, model, stock, compiled, inputs, labels, settings, workdir))
+    torch.set_num_threads(previous_threads)
+    return blocks
+
+
+def fastest_path_block(args: argparse.Namespace, threads: int, model: torch.nn.Module, stock: FinalExitStock,
+                       compiled: Callable | None, inputs: list[dict], labels: np.ndarray,
+                       settings: dict[str, ExitPolicy], workdir: Path) -> dict:
+    """One interleaved run of every path at ``threads`` threads (torch's and ONNX Runtime's)."""
+    from multiexit.onnx import OnnxMultiExitModel
+
+    feeds = [numpy_inputs(x) for x in inputs]
+    runtimes = {name: OnnxMultiExitModel.from_pretrained(workdir / name, threads=threads)
+                for name in ("segments", "segments-int8")}
+    sessions = {name: ort_stock_session(stock, inputs[0], workdir / f"{name}.onnx", threads)
+                for name in ("stock", "stock-int8")}
+    layers = float(len(stock.modules_.layers))
+
+    def stock_ort(name: str) -> Callable[[int], tuple[torch.Tensor, float]]:
+        return lambda i: (torch.from_numpy(sessions[name].run(None, feeds[i])[0]), layers)
+
+    def early(run: Callable, policy: ExitPolicy) -> Callable[[int], tuple[torch.Tensor, float]]:
+        def call(i: int) -> tuple[torch.Tensor, float]:
+            output = run(**inputs[i], policy=policy)
+            return output.logits, float(output.exit_layers[0])
+        return call
+
+    variants: dict[str, tuple[str, Callable[[int], tuple[torch.Tensor, float]]]] = {
+        "torch eager, stock": ("", lambda i: (stock(**inputs[i]), layers)),
+        "torch.compile, stock": ("", lambda i: (compiled(**inputs[i]), layers)),
+        "ONNX Runtime, stock": ("", stock_ort("stock")),
+        "ONNX Runtime int8, stock": ("", stock_ort("stock-int8")),
+    }
+    if compiled is None:
+        del variants["torch.compile, stock"]
+    for label, policy in settings.items():
+        variants[f"torch early exit, {label}"] = (label, early(model.early_exit, policy))
+        variants[f"ONNX Runtime early exit, {label}"] = (label, early(runtimes["segments"].early_exit, policy))
+        variants[f"ONNX Runtime int8 early exit, {label}"] = (label, early(runtimes["segments-int8"].early_exit,
+                                                                            policy))
+    load_before = load_now()
+    timings, outputs = interleaved({name: run for name, (_, run) in variants.items()}, len(inputs), args.repeats,
+                                   torch.device("cpu"), warmup=3)
+    ort_stock = timings["ONNX Runtime, stock"]
+    rows = []
+    for name, (setting, _) in variants.items():
+        predictions = np.array([int(logits.argmax(-1)[0]) for logits, _ in outputs[name]])
+        rows.append({"path": name, "setting": setting, "ms_per_example": timings[name].wall_s / len(inputs) * 1e3,
+                     "accuracy": float((predictions == labels).mean() * 100),
+                     "avg_layers": float(np.mean([layer for _, layer in outputs[name]])),
+                     "speedup_over_ort_stock": ort_stock.wall_s / timings[name].wall_s,
+                     "speedup_over_ort_stock_min": ort_stock.wall_min_s / timings[name].wall_min_s})
+    for label in settings:  # the target: ONNX Runtime early exit the fastest fp32 path to that setting
+        ours = next(r for r in rows if r["path"] == f"ONNX Runtime early exit, {label}")
+        fp32 = [r for r in rows if "int8" not in r["path"] and r["setting"] in ("", label)]
+        ours["fastest_fp32"] = all(r["ms_per_example"] >= ours["ms_per_example"] for r in fp32)
+        ours["pass"] = ours["fastest_fp32"] and passes("fastest", ours["speedup_over_ort_stock"])
+    return {"threads": threads, "examples": len(inputs), "rows": rows,
+            "mean_tokens": float(np.mean([x["input_ids"].shape[1] for x in inputs])),
+            "load_average": [load_before, load_now()]}
+
+
+def onnx_section(args: argparse.Namespace, tokenizer, sentences: list, threads: int, results: dict) -> None:  # noqa: ANN001
+    """(f) for every setting of (a) at ``threads`` threads. The models, inputs and settings are made as for (a)
+    (seeded), so a fresh process finds the same ones."""
+    device = torch.device("cpu")
+    for model_name in [name for name in args.models if name in ("minilm", "tiny")]:
+        pair = build_models(model_name, tokenizer, device, exit_head_type=args.exit_head_type)
+        regimes = build_regimes(tokenizer, sentences, args.examples, args.batch_size, args.batches, args.seq)
+        with tempfile.TemporaryDirectory() as workdir:
+            folder = export_for_ort(pair, Path(workdir) / pair.name)
+            for regime in regimes.values():
+                policies = pick_settings(cache_logits(pair.ours, regime.batches, device), pair.num_layers,
+                                         args.exit_fractions)
+                progress(f"{pair.name} / {regime.name}: (f) ONNX Runtime at bs 1, {threads} thread(s)")
+                results["measurements"]["f"].append(measure_ort_bs1(pair, regime, policies, args, folder, threads))
+
+
+def run_onnx(args: argparse.Namespace, tokenizer, sentences: list, results: dict) -> None:  # noqa: ANN001
+    """The ONNX Runtime measurements. (f) at 1 thread here, and at 2 threads in a fresh process whose sessions share
+    one thread pool, as the runner's do (``share_thread_pool``: the pool belongs to a process; a chain of sessions
+    with a pool each is slower at several threads); its blocks in the order of (a), then threads. The fastest path
+    here at 1 and 2 threads, sessions with a pool each, whose workers stop spinning after each run: a shared pool's
+    spinning workers (ONNX Runtime's Python API cannot stop them) would slow the torch paths timed beside them."""
+    if onnx_missing():
+        results["skipped"].append(onnx_missing())
+        return
+    onnx_section(args, tokenizer, sentences, 1, results)
+    child = onnx_in_fresh_process(args, 2)
+    results["measurements"]["f"] += child["measurements"]["f"]
+    results["skipped"] += child["skipped"]
+    results["notes"] += child["notes"]
+    regimes = list(dict.fromkeys(block["regime"] for block in results["measurements"]["f"]))
+    results["measurements"]["f"].sort(key=lambda block: (block["model"], regimes.index(block["regime"]),
+                                                         block["threads"]))
+    with tempfile.TemporaryDirectory() as workdir:
+        results["measurements"]["fastest"] = measure_fastest_path(args, tokenizer, Path(workdir), results)
+
+
+def onnx_in_fresh_process(args: argparse.Namespace, threads: int) -> dict:
+    """:func:`onnx_section` at ``threads`` threads in a new interpreter (this file with ``--_onnx_child``), which
+    shares one ONNX Runtime thread pool among its sessions."""
+    argv, skip = [], False
+    for arg in args.argv:  # the parent's command line, less the files that only the parent writes
+        if not skip and arg in ("--output", "--json"):
+            skip = True
+        elif not skip and not arg.startswith(("--output=", "--json=")):
+            argv.append(arg)
+        else:
+            skip = False
+    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--_onnx_child", str(threads)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"the ONNX Runtime measurements at {threads} threads failed in their own process:\n"
+                         f"{done.stderr[-3000:]}")
+    sys.stderr.write("".join(line + "\n" for line in done.stderr.splitlines() if line.startswith("[benchmark")))
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def onnx_child(args: argparse.Namespace, tokenizer, sentences: list) -> None:  # noqa: ANN001
+    """The fresh process of :func:`onnx_in_fresh_process`: share the pool, measure, print the results as JSON."""
+    from multiexit.onnx.runtime import share_thread_pool
+
+    threads = args._onnx_child
+    share_thread_pool(threads)
+    results = {"measurements": {"f": []}, "skipped": [], "notes": []}
+    onnx_section(args, tokenizer, sentences, threads, results)
+    for block in results["measurements"]["f"]:
+        block["shared_thread_pool"] = True
+    print(json.dumps(results))
+
+
+# ====================================================================================================================
 # Runs
 # ====================================================================================================================
 
@@ -820,6 +1140,8 @@ def run_cpu(args: argparse.Namespace, tokenizer, sentences: list, results: dict)
         progress(f"{model_name}: (d) replay sweep and (e) training step")
         m["d"].append(measure_sweep(pair, regimes["real"], args, device))
         m["e"].append(measure_training(pair, regimes["real"], args, device))
+    if args.onnx and args.models:
+        run_onnx(args, tokenizer, sentences, results)
     progress("done")
 
 
@@ -827,7 +1149,7 @@ def run_cuda(args: argparse.Namespace, tokenizer, sentences: list, results: dict
     """bert-base size, 128 tokens: bs1 eager vs CUDA graphs; batched at 32 and 128 in fp16 and bf16. (With
     ``--gpu_section_on_cpu`` the same code runs on CPU without capturing graphs: a rehearsal, not a measurement.)"""
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
-    cuda = results["measurements"]["cuda"] = {"bs1": [], "b": [], "c": []}
+    cuda = results["measurements"]["cuda"] = {"bs1": [], "b": [], "c": [], "f": []}
     name = "tiny" if args.smoke else "bert-base"
     pair = build_models(name, tokenizer, device, exit_head_type=args.exit_head_type)
     results["models"][f"{name} (cuda)"] = pair.description
@@ -841,6 +1163,20 @@ def run_cuda(args: argparse.Namespace, tokenizer, sentences: list, results: dict
         cuda["bs1"].append(bs1)
         cuda["b"].append({**measure_decision_share(pair, cache, policies, bs1["per_layer_s"], args),
                           "regime": regime.name, "cuda_graphs": graphs})
+    if args.onnx and onnx_missing():
+        results["skipped"].append(onnx_missing())
+    elif args.onnx:  # (f) on ONNX Runtime's CUDA provider: the state stays on the GPU, only exit logits come back
+        import onnxruntime
+
+        provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
+        if provider not in onnxruntime.get_available_providers():
+            results["skipped"].append("ONNX Runtime on CUDA: onnxruntime has no CUDAExecutionProvider here (install "
+                                      "onnxruntime-gpu)")
+        else:
+            progress(f"{name} / seq{args.seq} on {device.type}: (f) ONNX Runtime early exit, {provider}")
+            with tempfile.TemporaryDirectory() as workdir:
+                folder = export_for_ort(pair, Path(workdir))
+                cuda["f"] = [measure_ort_bs1(pair, regime, policies, args, folder, 1, [provider])]
     for batch_size in (32, 128):
         big = build_regimes(tokenizer, sentences, 8, batch_size, args.batches, args.seq)[f"seq{args.seq}"]
         for dtype in (torch.float16, torch.bfloat16):
@@ -913,6 +1249,13 @@ def summary_lines(results: dict) -> list[str]:
     for key in ("d", "e"):
         for block in m[key]:
             add(key, block["model"], [block["ratio"]], [block["pass"]], lambda v: f"{v:.3f}")
+    for block in m.get("f", []) + (m.get("cuda") or {}).get("f", []):
+        add("f", f"{block['model']} / {block['regime']}, {block['threads']} thread(s), {block['provider']}",
+            [r["ratio"] for r in block["rows"]], [r["pass"] for r in block["rows"]], lambda v: f"{v:.3f}")
+    for block in m.get("fastest", []):
+        ours = [r for r in block["rows"] if "pass" in r]
+        add("fastest", f"demo model, {block['threads']} thread(s), {', '.join(r['setting'] for r in ours)}",
+            [r["speedup_over_ort_stock"] for r in ours], [r["pass"] for r in ours], lambda v: f"{v:.2f}x")
     cuda = m.get("cuda")
     if cuda:
         for block in cuda["bs1"]:
@@ -979,6 +1322,50 @@ def bs1_lines(block: dict) -> list[str]:
                      f"{r['wall_speedup']:.2f} | {r['ratio']:.3f} | {r['ratio_min']:.3f} | "
                      f"{r['perfect_speedup']:.2f} | {r['floor_ratio']:.3f} |{heads_cell} {a_verdict(r)} |")
     return lines + [""]
+
+
+def onnx_lines(m: dict) -> list[str]:
+    """(f) and the fastest path to the demo's accuracy (ONNX Runtime)."""
+    lines = []
+    f_blocks = m.get("f", []) + (m.get("cuda") or {}).get("f", [])
+    if f_blocks:
+        lines += ["", "## (f) Early exit on ONNX Runtime", "",
+                  "The multi-exit model exported as segments (`python -m multiexit.onnx export`: the embeddings, then "
+                  "each layer with its exit head) and run by `OnnxMultiExitModel.early_exit` at batch size 1, against "
+                  "the stock model exported whole (`torch.onnx.export`, one ONNX Runtime session, every graph "
+                  "optimisation) at full depth, interleaved per example; the settings of (a). Ratio: wall speed-up ÷ "
+                  "L / avg exit; target ≥ 0.9. Beside it (no target) the same against the segments run to full depth "
+                  "(budget(L)). With 2 threads the segments' sessions share one thread pool "
+                  "(`multiexit.onnx.runtime.share_thread_pool`, in a process of its own), as the runner's do.", "",
+                  "| model / inputs | threads | stock, ms/example | segments full depth | policy | setting | avg exit "
+                  "| L/avg | wall speed-up | ratio | ratio (min of repeats) | ratio over segments | |",
+                  "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
+        for block in f_blocks:
+            provider = "" if block["provider"] == "CPUExecutionProvider" else f", {block['provider']}"
+            for r in block["rows"]:
+                lines.append(f"| {block['model']} / {block['regime']} ({block['mean_tokens']:.0f} tokens{provider}) | "
+                             f"{block['threads']} | {ms(block['stock_s_per_example'])} | "
+                             f"{ms(block['segments_full_depth_s_per_example'])} | {r['policy']} | `{r['setting']}` | "
+                             f"{r['avg_exit_layer']:.2f} | {r['layer_speedup']:.2f} | {r['wall_speedup']:.2f} | "
+                             f"{r['ratio']:.3f} | {r['ratio_min']:.3f} | {r['ratio_over_segments']:.3f} | "
+                             f"{verdict(r['pass'])} |")
+    for block in m.get("fastest", []):
+        lines += ["", f"## The fastest path to the demo's accuracy, {block['threads']} thread(s)", "",
+                  f"The demo model (`make demo`: all-MiniLM-L6-v2, 6 exits, BBC News), batch size 1, the first "
+                  f"{block['examples']} dev documents ({block['mean_tokens']:.0f} tokens on average), every path "
+                  f"interleaved per document, {block['threads']} thread(s) for torch and ONNX Runtime alike. Stock: "
+                  "the encoder with all its layers and the final exit's head. Speed-up: ONNX Runtime stock's time ÷ "
+                  "the path's (one run). Target: ONNX Runtime early exit the fastest fp32 path to its setting's "
+                  "accuracy, at ≥ 1.8× ONNX Runtime stock. Every ONNX Runtime session has its own thread pool here "
+                  "(a shared pool's workers keep spinning and would slow the torch paths timed beside them).", "",
+                  "| path | setting | ms / example | accuracy | layers | speed-up over ONNX Runtime stock | (min of "
+                  "repeats) | |", "|---|---|---:|---:|---:|---:|---:|---|"]
+        for r in block["rows"]:
+            mark = verdict(r["pass"]) if "pass" in r else ""
+            lines.append(f"| {r['path']} | {r['setting']} | {r['ms_per_example']:.2f} | {r['accuracy']:.1f} | "
+                         f"{r['avg_layers']:.2f} | {r['speedup_over_ort_stock']:.2f}x | "
+                         f"{r['speedup_over_ort_stock_min']:.2f}x | {mark} |")
+    return lines
 
 
 def write_markdown(results: dict, path: str) -> None:
@@ -1072,6 +1459,7 @@ def write_markdown(results: dict, path: str) -> None:
     for b in m["e"]:
         lines.append(f"| {b['model']} | {b['batch_size']} | {b['padded_tokens_per_row']} | {ms(b['stock_step_s'])} ms "
                      f"| {ms(b['ours_step_s'])} ms | {b['ratio']:.3f} | {b['ratio_min']:.3f} | {verdict(b['pass'])} |")
+    lines += onnx_lines(m)
     cuda = m.get("cuda")
     if cuda:
         lines += ["", "## CUDA: batch size 1, eager and CUDA graphs", ""]
@@ -1121,13 +1509,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--exit_fractions", default="0.4,0.65", help="target average exit layers, fractions of L")
     parser.add_argument("--exit_head_type", default=None, choices=EXIT_HEAD_TYPES,
                         help="the models' exit heads (default: each model's own, PABEE's shared_pooler for BERT)")
+    parser.add_argument("--no_onnx", dest="onnx", action="store_false",
+                        help="leave out (f) and the fastest path (ONNX Runtime; they need pip install .[onnx])")
+    parser.add_argument("--demo_model", default=str(REPO_ROOT / "runs" / "demo-bbc-news"),
+                        help="the trained demo model for the fastest path (make demo writes it)")
+    parser.add_argument("--demo_examples", type=int, default=100, help="BBC News dev documents for the fastest path")
+    parser.add_argument("--demo_max_seq_length", type=int, default=64, help="the demo's tokens per document")
     parser.add_argument("--smoke", action="store_true", help="tiny models and counts: every measurement in seconds")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the packaged MiniLM's)")
     parser.add_argument("--gpu_section_on_cpu", action="store_true",
                         help="rehearse the GPU section's code on CPU (graphs not captured; the numbers mean nothing)")
     parser.add_argument("--_overhead_child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_onnx_child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_code_folder", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # (the ONNX Runtime child process gets the same)
     args.models = [name for name in args.models.split(",") if name]
     args.exit_fractions = [float(f) for f in args.exit_fractions.split(",")]
     args.overhead_policies = [name for name in args.overhead_policies.split(",") if name]
@@ -1138,6 +1534,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.examples, args.batches, args.batch_size, args.train_batch_size = 3, 1, 4, 4
         args.train_steps, args.repeats, args.decisions, args.overhead_calls, args.seq = 2, 1, 20, 10, 24
         args.sweep_settings, args.exit_fractions = 10, args.exit_fractions[:1]
+        args.demo_examples, args.demo_max_seq_length = 3, 24
     return args
 
 
@@ -1157,10 +1554,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     started = _RUN_STARTED[0] = time.perf_counter()
     device = torch.device(args.device)
     source, sentences = load_sentences(args.smoke)
+    if args._onnx_child is not None:
+        onnx_child(args, tokenizer, sentences)
+        return None
     results: dict = {"command": "python benchmarks/benchmark_exits.py " + shlex.join(argv if argv is not None
                                                                                       else sys.argv[1:]),
                      "machine": machine_info(device), "args": vars(args), "data_source": source, "models": {},
-                     "skipped": [], "notes": [], "measurements": {"a": [], "b": [], "c": [], "d": [], "e": []}}
+                     "skipped": [], "notes": [], "measurements": {"a": [], "b": [], "c": [], "d": [], "e": [], "f": [],
+                                                       "fastest": []}}
     if args.device == "cuda" or args.gpu_section_on_cpu:
         run_cuda(args, tokenizer, sentences, results)
     else:

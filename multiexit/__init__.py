@@ -8,6 +8,7 @@ Where things are (each module has one job):
   losses and training stages; :mod:`multiexit.bert` and :mod:`multiexit.albert` — the model classes;
 * :mod:`multiexit.replay` — offline replay, sweeps, per-layer scores, calibration, the score-vs-speed-up plot;
 * :mod:`multiexit.cuda_graphs` — batch-size-1 early exit replayed from CUDA graphs;
+* :mod:`multiexit.onnx` — export as ONNX segments and early exit on ONNX Runtime (the optional ``[onnx]`` extra);
 * :mod:`multiexit.data` — GLUE / AG News / BBC News readers, official metrics, cached tokenisation;
 * :mod:`multiexit.io` — atomic checkpoints, locked JSONL appends, exact resume state, the one place that
   recognises a failed write; :mod:`multiexit.errors` — the errors the runner reports in one line (user input,

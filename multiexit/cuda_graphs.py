@@ -4,9 +4,9 @@ On a GPU a layer at batch size 1 takes tens of microseconds, about what launchin
 costs: eager PyTorch is launch-bound there. A CUDA graph replays a captured sequence of kernels with one launch. Early
 exit cannot be one graph (whether layer i+1 runs depends on layer i's exit logits), so :class:`ExitGraphs` captures,
 per sequence-length bucket, one graph for the embeddings and masks and one per layer (the layer and its exit head:
-:meth:`MultiExitMixin._layer_step`, the same code the eager loop runs). Between two layers the host reads the exit
-logits (the one device-to-host transfer per layer) and :class:`multiexit.policies.ExitTracker` decides, exactly as in
-eager early exit.
+:meth:`MultiExitMixin._layer_step`, the same code the eager loop runs). The loop is the eager one's,
+:func:`multiexit.modeling.run_layers`: between two layers the host reads the exit logits (the one device-to-host
+transfer per layer) and :class:`multiexit.policies.ExitTracker` decides, exactly as in eager early exit.
 
 An input of length T runs in the smallest bucket B >= T, padded with padding tokens that the attention mask hides
 (and that mean-pooling exits ignore), so its real tokens see what they see unpadded. Padding changes the attention
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from multiexit.modeling import backbone_model_type
+from multiexit.modeling import backbone_model_type, run_layers
 from multiexit.policies import ExitTracker
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512)
@@ -103,12 +103,7 @@ class ExitGraphs:
         graphs = self._graphs.get(key) or self._build(key)
         self._load(graphs, input_ids, attention_mask, token_type_ids)
         self._run_embed(graphs)
-        for depth in range(self.model.num_exit_layers):
-            self._run_layer(graphs, depth)  # the graph holds the layer and its exit head together
-            if depth + 1 < tracker.first_read_layer:  # read nothing the policy does not read
-                continue
-            if tracker.update(graphs.logits[depth], depth + 1) is not None and tracker.done:
-                break
+        run_layers(_GraphLayerPass(self, graphs), self.model.num_exit_layers, tracker)
 
     # ---- inputs --------------------------------------------------------------------------------------------------
     def _load(self, graphs: _BucketGraphs, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -191,3 +186,23 @@ class ExitGraphs:
                 self._layer(graphs, depth)
             layer_graphs.append(graph)
         graphs.embed_graph, graphs.layer_graphs = embed_graph, layer_graphs
+
+
+class _GraphLayerPass:
+    """The graphs' :class:`multiexit.modeling.LayerPass` for one input: a layer's graph holds the layer and its exit
+    head together, so a layer below the policy's first read layer runs its exit too, unread."""
+
+    __slots__ = ("graphs", "bucket")
+
+    def __init__(self, graphs: ExitGraphs, bucket: _BucketGraphs) -> None:
+        self.graphs, self.bucket = graphs, bucket
+
+    def layer(self, depth: int) -> None:
+        self.graphs._run_layer(self.bucket, depth)
+
+    def layer_and_exit(self, depth: int) -> torch.Tensor:
+        self.graphs._run_layer(self.bucket, depth)
+        return self.bucket.logits[depth]
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        raise AssertionError("CUDA graphs run one row, which leaves the loop when it exits")

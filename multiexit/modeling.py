@@ -36,7 +36,7 @@ import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -209,6 +209,53 @@ class EarlyExitOutput(NamedTuple):
 
     logits: torch.Tensor
     exit_layers: torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The layer loop's skeleton, one for every runtime
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class LayerPass(Protocol):
+    """One batch's way through the layers on some runtime, driven by :func:`run_layers`: the embeddings have run when
+    it is made, and it holds the running rows' hidden states and masks in the runtime's own memory. Its drivers: the
+    torch models (:meth:`MultiExitMixin._exit_loop`), the CUDA graphs (:mod:`multiexit.cuda_graphs`) and ONNX Runtime
+    (:mod:`multiexit.onnx.runtime`)."""
+
+    def layer(self, depth: int) -> None:
+        """Run the layer at 0-indexed ``depth`` alone: its exit is not read."""
+
+    def layer_and_exit(self, depth: int) -> torch.Tensor:
+        """Run the layer at ``depth`` and its exit; return the exit logits [rows, C] of the rows still running (for
+        :class:`ExitTracker`: host memory, or a device tensor that its one read per layer copies)."""
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (host indices into the running rows, in order): the others have left."""
+
+
+def run_layers(layer_pass: LayerPass, num_layers: int, tracker: ExitTracker | None = None) -> list[torch.Tensor]:
+    """The layer loop: every layer and its exit in turn. Without a ``tracker`` every layer runs on the whole batch
+    and its exit logits are returned, layer by layer. With one, the tracker decides after each layer which rows exit;
+    those leave the batch (``layer_pass.keep_rows``) and the loop stops when none is left. Below the tracker's first
+    read layer (a budget's) the layers run alone, as in a model cut at that layer: no exit head, no read."""
+    all_logits = []
+    first_read = tracker.first_read_layer if tracker is not None else 1
+    for depth in range(num_layers):
+        if depth + 1 < first_read:
+            layer_pass.layer(depth)
+            continue
+        logits = layer_pass.layer_and_exit(depth)
+        if tracker is None:
+            all_logits.append(logits)
+            continue
+        keep = tracker.update(logits, depth + 1)
+        if keep is not None:  # some row exited (None, the usual answer, costs no other test)
+            if tracker.done:
+                break
+            # row indices found on the host (the tracker decides there), so that selecting the rows needs no second
+            # device-to-host sync, as a bool mask on the device would (its nonzero count)
+            layer_pass.keep_rows(keep.nonzero()[:, 0])
+    return all_logits
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -554,16 +601,24 @@ class MultiExitMixin:
                                       and attention_mask.numpy().all()):  # numpy: host memory, no torch op
             mask = None
         else:
-            mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states,
-                                             attention_mask=attention_mask, allow_is_bidirectional_skip=False)
-        token_weights = None
-        if self.config.exit_pooling == "mean" and attention_mask is not None:
-            if attention_mask.dim() != 2:
-                raise ValueError("exit_pooling 'mean' weighs tokens by a 2-D attention mask [batch, tokens]; got a "
-                                 f"{attention_mask.dim()}-D mask")
-            weights = attention_mask.to(hidden_states.dtype).unsqueeze(-1)  # [b, T, 1]
-            token_weights = TokenWeights(weights, weights.sum(dim=1).clamp(min=1.0))
-        return hidden_states, mask, token_weights
+            mask = self._layer_mask(hidden_states, attention_mask)
+        return hidden_states, mask, self._token_weights(hidden_states, attention_mask)
+
+    def _layer_mask(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The mask every layer's attention takes, made from the [b, T] attention mask (always materialised: the
+        embeddings segment of :mod:`multiexit.onnx` makes it with this same call, with the token weights below)."""
+        return create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states,
+                                         attention_mask=attention_mask, allow_is_bidirectional_skip=False)
+
+    def _token_weights(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> TokenWeights | None:
+        """What mean-pooling exits weigh tokens by (None for [CLS] exits, or without a mask: every token counts)."""
+        if self.config.exit_pooling != "mean" or attention_mask is None:
+            return None
+        if attention_mask.dim() != 2:
+            raise ValueError("exit_pooling 'mean' weighs tokens by a 2-D attention mask [batch, tokens]; got a "
+                             f"{attention_mask.dim()}-D mask")
+        weights = attention_mask.to(hidden_states.dtype).unsqueeze(-1)  # [b, T, 1]
+        return TokenWeights(weights, weights.sum(dim=1).clamp(min=1.0))
 
     @staticmethod
     def _token_summary(hidden_states: torch.Tensor, token_weights: TokenWeights | None, pooling: str) -> torch.Tensor:
@@ -622,46 +677,20 @@ class MultiExitMixin:
         tracker: ExitTracker | None = None,
         output_hidden_states: bool = False,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Run the layers one by one, computing every exit's logits.
+        """Run the layers one by one (:func:`run_layers`, driven by a :class:`_TorchLayerPass`), computing every
+        exit's logits.
 
         Without a ``tracker`` every layer runs on the whole batch and the per-layer logits (and hidden states, if
         asked) are returned. With one, the tracker decides after each layer which rows exit; those rows leave the
         batch (hidden states and masks are compacted) and the loop stops when none is left."""
         # a frozen backbone (DeeBERT stage 2) runs without autograd; the exit heads keep the caller's grad mode
         backbone_grad = torch.is_grad_enabled() and not self.backbone_frozen
-        switch_grad = backbone_grad != torch.is_grad_enabled()  # no context manager per layer when nothing changes
         with torch.set_grad_enabled(backbone_grad):
             hidden_states, mask, token_weights = self._prepare(
                 input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
-        all_logits, all_hidden = [], [hidden_states] if output_hidden_states else []
-        first_read = tracker.first_read_layer if tracker is not None else 1
-        modules = self.loop_modules()
-        for depth in range(len(modules.layers)):
-            reads_exit = depth + 1 >= first_read  # not below a budget's layer: there the layer runs alone, as cut
-            if switch_grad or not reads_exit:
-                with torch.set_grad_enabled(backbone_grad):
-                    hidden_states = modules.layers[depth](hidden_states, mask)
-                if not reads_exit:
-                    continue
-                logits = self._exit_logits(depth, hidden_states, token_weights, modules)
-            else:
-                hidden_states, logits = self._layer_step(depth, hidden_states, mask, token_weights, modules)
-            if tracker is None:
-                all_logits.append(logits)
-                if output_hidden_states:
-                    all_hidden.append(hidden_states)
-                continue
-            keep = tracker.update(logits, depth + 1)
-            if keep is not None:  # some row exited (None, the usual answer, costs no other test)
-                if tracker.done:
-                    break
-                # row indices found on the host (the tracker decides there), so that selecting the rows needs no
-                # second device-to-host sync, as a bool mask on the device would (its nonzero count)
-                rows = keep.nonzero()[:, 0].to(hidden_states.device, non_blocking=True)
-                hidden_states = hidden_states.index_select(0, rows)
-                mask = mask.index_select(0, rows) if mask is not None else None
-                token_weights = token_weights.select(rows) if token_weights is not None else None
-        return all_logits, all_hidden
+        layer_pass = _TorchLayerPass(self, hidden_states, mask, token_weights, backbone_grad, output_hidden_states)
+        all_logits = run_layers(layer_pass, len(layer_pass.modules.layers), tracker)
+        return all_logits, layer_pass.all_hidden or []
 
     def forward(
         self,
@@ -767,3 +796,42 @@ class MultiExitMixin:
         if not reference.is_cpu:  # the tracker's results are on the host
             answer, exit_layers = answer.to(reference.device), exit_layers.to(reference.device)
         return EarlyExitOutput(logits=answer, exit_layers=exit_layers)
+
+
+class _TorchLayerPass:
+    """The torch models' :class:`LayerPass`: the running rows' hidden states, attention mask and token weights, and
+    the layers and exits of the pass (:class:`LoopModules`, resolved once). A frozen backbone (DeeBERT stage 2) runs
+    its layers without autograd while the exit heads keep the caller's grad mode."""
+
+    __slots__ = ("model", "modules", "hidden_states", "mask", "token_weights", "backbone_grad", "switch_grad",
+                 "all_hidden")
+
+    def __init__(self, model: MultiExitMixin, hidden_states: torch.Tensor, mask: torch.Tensor | None,
+                 token_weights: TokenWeights | None, backbone_grad: bool, output_hidden_states: bool) -> None:
+        self.model, self.modules = model, model.loop_modules()
+        self.hidden_states, self.mask, self.token_weights = hidden_states, mask, token_weights
+        self.backbone_grad = backbone_grad
+        # no context manager per layer when nothing changes
+        self.switch_grad = backbone_grad != torch.is_grad_enabled()
+        self.all_hidden = [hidden_states] if output_hidden_states else None
+
+    def layer(self, depth: int) -> None:
+        with torch.set_grad_enabled(self.backbone_grad):
+            self.hidden_states = self.modules.layers[depth](self.hidden_states, self.mask)
+
+    def layer_and_exit(self, depth: int) -> torch.Tensor:
+        if self.switch_grad:
+            self.layer(depth)
+            logits = self.model._exit_logits(depth, self.hidden_states, self.token_weights, self.modules)
+        else:
+            self.hidden_states, logits = self.model._layer_step(depth, self.hidden_states, self.mask,
+                                                                self.token_weights, self.modules)
+        if self.all_hidden is not None:
+            self.all_hidden.append(self.hidden_states)
+        return logits
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        rows = rows.to(self.hidden_states.device, non_blocking=True)
+        self.hidden_states = self.hidden_states.index_select(0, rows)
+        self.mask = self.mask.index_select(0, rows) if self.mask is not None else None
+        self.token_weights = self.token_weights.select(rows) if self.token_weights is not None else None

@@ -48,6 +48,23 @@ def test_every_measurement_ran(smoke: tuple[dict, str]) -> None:
         if row["policy"] == "budget":
             assert row["perfect_with_heads_s"] == row["perfect_s"]
     assert all(math.isfinite(block["head_read_s"]) for block in m["a"])
+    # (f): ONNX Runtime early exit for the settings of (a), both input regimes, 1 and 2 threads
+    assert [(block["regime"], block["threads"]) for block in m["f"]] == [
+        (m["a"][0]["regime"], 1), (m["a"][0]["regime"], 2), (m["a"][1]["regime"], 1), (m["a"][1]["regime"], 2)]
+    for block, bs1 in zip(m["f"], [m["a"][0], m["a"][0], m["a"][1], m["a"][1]]):
+        assert [row["setting"] for row in block["rows"]] == [row["setting"] for row in bs1["rows"]]
+        assert all(math.isfinite(row["ratio"]) and row["ratio"] > 0 for row in block["rows"])
+    # the fastest path to the demo's accuracy (a tiny stand-in for the demo model), at 1 and 2 threads
+    assert [block["threads"] for block in m["fastest"]] == [1, 2]
+    for block in m["fastest"]:
+        paths = [row["path"] for row in block["rows"]]
+        assert {"torch eager, stock", "torch.compile, stock", "ONNX Runtime, stock",
+                "ONNX Runtime early exit, DeeBERT 0.7", "ONNX Runtime early exit, PABEE 2",
+                "torch early exit, PABEE 2", "ONNX Runtime int8 early exit, DeeBERT 0.7"} <= set(paths)
+        stock = next(row for row in block["rows"] if row["path"] == "ONNX Runtime, stock")
+        assert stock["speedup_over_ort_stock"] == 1.0
+        assert all(0 <= row["accuracy"] <= 100 and row["ms_per_example"] > 0 for row in block["rows"])
+        assert sum("pass" in row for row in block["rows"]) == 2  # ONNX Runtime early exit, each setting
 
 
 def test_perfect_early_exit_prices_each_example_at_its_own_depth() -> None:
@@ -63,7 +80,8 @@ def test_report_has_every_section(smoke: tuple[dict, str]) -> None:
     _, report = smoke
     for heading in ("## Summary", "## The exit decision at batch size 1", "overhead per layer over the all-exits",
                     "## Batch size 1: the floor, (a) and (b)", "## (c) Batched early exit",
-                    "## (d) Replay sweep and (e) training step", "python benchmarks/benchmark_exits.py --smoke"):
+                    "## (d) Replay sweep and (e) training step", "python benchmarks/benchmark_exits.py --smoke",
+                    "## (f) Early exit on ONNX Runtime", "## The fastest path to the demo's accuracy, 2 thread(s)"):
         assert heading in report, heading
 
 
@@ -92,6 +110,8 @@ def test_cuda_section_rehearsed_on_cpu(tmp_path: Path) -> None:
     for block in cuda["bs1"]:
         assert block["rows"] and all(math.isfinite(row["ratio"]) and row["ratio"] > 0 for row in block["rows"])
     assert all(math.isfinite(row["ratio"]) for block in cuda["c"] for row in block["rows"])
+    # (f) on ONNX Runtime's CUDA provider: rehearsed here on its CPU provider
+    assert [block["provider"] for block in cuda["f"]] == ["CPUExecutionProvider"] and cuda["f"][0]["rows"]
     assert "## CUDA: batch size 1, eager and CUDA graphs" in (tmp_path / "B.md").read_text()
 
 

@@ -295,6 +295,25 @@ def test_pipeline_runs_any_model_with_the_protocol(tok):
     assert stand_in.calls == len(texts) + 3
 
 
+def test_pipeline_serves_the_onnx_runtime_model(tok, tmp_path):
+    """The deployment path: the same pipeline on the model exported to ONNX Runtime gives the torch model's labels
+    and exit layers (scores within fp32 tolerance), one input at a time and batched."""
+    pytest.importorskip("onnxruntime")
+    from multiexit.onnx import OnnxMultiExitModel, export_onnx
+
+    model = make_tiny("bert", tok, layers=4).eval()
+    texts = sst2_rows(10, seed=4)
+    policy = splitting_policy(model, tok, texts)
+    onnx_model = OnnxMultiExitModel.from_pretrained(export_onnx(model, tmp_path / "onnx", tok), threads=1)
+    served = pipeline(PIPELINE_TASK, model=onnx_model, tokenizer=tok, policy=policy)
+    reference = pipeline(PIPELINE_TASK, model=model, tokenizer=tok, policy=policy, device="cpu")
+    for batch_size in (1, 4):
+        answers, expected = served(texts, batch_size=batch_size), reference(texts, batch_size=batch_size)
+        assert [(a["label"], a["exit_layer"]) for a in answers] == [(e["label"], e["exit_layer"]) for e in expected]
+        assert np.allclose([a["score"] for a in answers], [e["score"] for e in expected], atol=1e-5)
+    assert len({answer["exit_layer"] for answer in served(texts)}) > 1  # the policy splits the inputs
+
+
 def test_pipeline_loads_a_saved_model_by_its_folder(tok, tmp_path):
     model = make_tiny("bert", tok, layers=4)
     folder = save(model, tok, tmp_path / "model")

@@ -170,6 +170,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     evaluation.add_argument("--cuda_graphs", action="store_true",
                             help="real early exit at batch size 1 on a GPU: replay each layer and its exit from a "
                                  "CUDA graph (captured per sequence-length bucket)")
+    evaluation.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime"),
+                            help="what runs the evaluated model: torch, or ONNX Runtime (the checkpoint is exported "
+                                 "to <output_dir>/onnx/<checkpoint>, or an export of the same weights there reused; "
+                                 "needs pip install .[onnx]; see docs/deploying.md)")
+    evaluation.add_argument("--ort_threads", type=int, default=None,
+                            help="--runtime onnxruntime: intra-op threads per session (default: torch's thread count, "
+                                 "so that both runtimes are timed alike)")
+    evaluation.add_argument("--onnx_int8", action="store_true",
+                            help="--runtime onnxruntime: evaluate the int8 export (dynamic quantisation of the "
+                                 "layers; exported to <output_dir>/onnx/<checkpoint>-int8)")
     evaluation.add_argument("--timing_repeats", type=int, default=3, help="timed passes per setting (median)")
     evaluation.add_argument("--timing_warmup", type=int, default=3, help="untimed warm-up batches")
     evaluation.add_argument("--calibrate_speedup", default=None,
@@ -289,6 +299,11 @@ def check_args(args: argparse.Namespace) -> None:
     if args.stage2_learning_rate is not None and not (math.isfinite(args.stage2_learning_rate)
                                                       and args.stage2_learning_rate >= 0):
         raise UserInputError(f"--stage2_learning_rate must be a finite number >= 0, got {args.stage2_learning_rate}")
+    if args.runtime == "onnxruntime":
+        check_onnxruntime_args(args)
+    elif args.ort_threads is not None or args.onnx_int8:
+        flag = "--ort_threads" if args.ort_threads is not None else "--onnx_int8"
+        raise UserInputError(f"{flag} is for ONNX Runtime: add --runtime onnxruntime, or drop it")
     if args.max_seq_length > 512:
         logger.warning("--max_seq_length %d is above BERT's usual 512 positions", args.max_seq_length)
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
@@ -308,6 +323,21 @@ def check_args(args: argparse.Namespace) -> None:
                            "would use them: delete them for a clean run", args.output_dir, ", ".join(stale))
 
 
+
+
+def check_onnxruntime_args(args: argparse.Namespace) -> None:
+    """``--runtime onnxruntime`` evaluates (the export is fp32 and has no CUDA graphs), with the extra installed."""
+    from multiexit.onnx import require
+
+    refused = [flag for flag, given in (("--do_train", args.do_train), ("--cuda_graphs", args.cuda_graphs),
+                                        ("--fp16", args.fp16), ("--bf16", args.bf16)) if given]
+    if refused:
+        raise UserInputError(f"--runtime onnxruntime evaluates an fp32 export with ONNX Runtime; it cannot be combined "
+                             f"with {', '.join(refused)} (train with --runtime torch, then evaluate)")
+    if args.ort_threads is not None and args.ort_threads < 1:
+        raise UserInputError(f"--ort_threads must be >= 1, got {args.ort_threads}")
+    require("onnxruntime")
+    require("onnx")
 
 
 def add_policy_flags(parser: argparse.ArgumentParser) -> None:

@@ -81,12 +81,13 @@ def run_online(args, accelerator, model, features, collator, policy: ExitPolicy,
     batches = [collator([shard[i] for i in range(start, min(start + batch_size, len(shard)))])
                for start in range(0, len(shard), batch_size)]
     batches = [{key: value.to(accelerator.device) for key, value in model_inputs(b).items()} for b in batches]
-    if args.cuda_graphs and batch_size == 1:  # capture every bucket now: capturing inside a timed pass would count
+    graphs = {"cuda_graphs": True} if args.cuda_graphs else {}  # (--runtime onnxruntime has no such argument)
+    if graphs and batch_size == 1:  # capture every bucket now: capturing inside a timed pass would count
         with _autocast(args, accelerator.device):
             model.exit_graphs().prepare([batch["input_ids"].shape[1] for batch in batches])
     for batch in batches[: args.timing_warmup]:
         with _autocast(args, accelerator.device):
-            model.early_exit(**batch, policy=policy, cuda_graphs=args.cuda_graphs)
+            model.early_exit(**batch, policy=policy, **graphs)
     pass_times = []
     for _ in range(args.timing_repeats):
         exit_layers, answers = [], []
@@ -94,7 +95,7 @@ def run_online(args, accelerator, model, features, collator, policy: ExitPolicy,
         start = time.perf_counter()
         for batch in batches:
             with _autocast(args, accelerator.device):
-                output = model.early_exit(**batch, policy=policy, cuda_graphs=args.cuda_graphs)
+                output = model.early_exit(**batch, policy=policy, **graphs)
             exit_layers.append(output.exit_layers)
             answers.append(output.logits)
         _synchronize(accelerator.device)
@@ -192,6 +193,8 @@ class ResultWriter:
             "split": self.args.eval_split,
             **({"heldout_fraction": self.args.heldout_fraction} if self.args.eval_split == "heldout" else {}),
             "mode": mode,
+            "runtime": getattr(self.args, "runtime", "torch") + ("-int8" if getattr(self.args, "onnx_int8", False)
+                                                                 else ""),
             **score.summary(),
             "main_metric": self.task.main_metric,
             "wall_time_s": None,
@@ -220,6 +223,8 @@ def _setting_text(row: dict) -> str:
 
 
 def _mode_text(row: dict) -> str:
+    if row.get("runtime", "torch") != "torch":
+        return f"{_mode_text({**row, 'runtime': 'torch'})} ({row['runtime']})"
     if "calibration" not in row:
         return row["mode"]
     calibration = row["calibration"]
@@ -337,7 +342,7 @@ def online_records(args, accelerator, model, features, collator, requested: list
                    replayed: list[PolicyScore], writer: ResultWriter, metric_fn: MetricFn | None) -> list[dict]:
     """Real early exit for every requested setting, timed against full depth, and (``--verify_online``) checked
     against the replay example by example."""
-    base_model = accelerator.unwrap_model(model)
+    base_model = accelerator.unwrap_model(model) if isinstance(model, torch.nn.Module) else model  # (ONNX Runtime)
     batch_size = args.per_gpu_eval_batch_size
     mode = "online" if batch_size == 1 else "batched"
     num_layers = replayed[0].num_layers

@@ -249,3 +249,27 @@ def load_features(args: argparse.Namespace, task: TaskSpec, tokenizer: object, e
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: batch[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in batch}
 
+
+def load_onnx_model(args: argparse.Namespace, model: torch.nn.Module, folder: str, tokenizer: object,
+                    device: torch.device) -> object:
+    """``--runtime onnxruntime``: ``model`` exported to ``folder`` (or the export of the same weights found there),
+    loaded as a :class:`multiexit.onnx.OnnxMultiExitModel` on ONNX Runtime's CUDA provider where the run is on a GPU
+    and onnxruntime has it, else on its CPU provider."""
+    import onnxruntime
+
+    from multiexit.onnx.export import find_or_export
+    from multiexit.onnx.runtime import CUDA_PROVIDER, OnnxMultiExitModel, share_thread_pool
+
+    threads = args.ort_threads or torch.get_num_threads()
+    if threads > 1:  # one pool for the chain of segment sessions (a run is one process: the pool is the process's)
+        share_thread_pool(threads)
+    find_or_export(model, folder, tokenizer, int8=args.onnx_int8)
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        if CUDA_PROVIDER in onnxruntime.get_available_providers():
+            providers.insert(0, CUDA_PROVIDER)
+        else:
+            logger.warning("--runtime onnxruntime on a GPU machine, but onnxruntime has no CUDA provider (install "
+                           "onnxruntime-gpu): running on the CPU")
+    logger.info("ONNX Runtime: %s, %d intra-op thread(s), export %s", providers[0], threads, folder)
+    return OnnxMultiExitModel.from_pretrained(folder, threads=threads, providers=providers)

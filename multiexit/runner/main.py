@@ -41,6 +41,7 @@ from multiexit.runner.loading import (
     load_config,
     load_features,
     load_model,
+    load_onnx_model,
     load_tokenizer,
     model_depth,
     read_split,
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                  f"{error}") from None
     requested = policies_from_args(args)
     accelerator = make_accelerator(args)
+    if args.runtime == "onnxruntime" and accelerator.num_processes > 1:
+        raise UserInputError("--runtime onnxruntime evaluates in one process: launch it without torchrun / accelerate")
     apply_seed_conventions(args)  # after logging is set up: it says what it implies
     warn_unused_flags(args)
     set_seed(args.seed)
@@ -143,6 +146,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         "--sweep_default_grids ...)", " and each layer" if args.eval_each_highway else "")
         for checkpoint in checkpoints:
             model = load_model(args, task, checkpoint)
+            if args.runtime == "onnxruntime":
+                export_dir = os.path.join(args.output_dir, "onnx", checkpoint_label(args, checkpoint)
+                                          + ("-int8" if args.onnx_int8 else ""))
+                model = load_onnx_model(args, model, export_dir, tokenizer, accelerator.device)
             result = evaluate_checkpoint(args, accelerator, task, checkpoint, model, tokenizer, eval_features,
                                          requested)
             step = checkpoint_label(args, checkpoint).removeprefix("checkpoint-")
