@@ -218,13 +218,13 @@ _SHARED_POOL: list[int] = []  # the size of this process's shared intra-op threa
 
 def share_thread_pool(threads: int) -> None:
     """Make every ONNX Runtime session of this process run on one shared pool of ``threads`` intra-op threads (ONNX
-    Runtime's global thread pool) instead of a pool per session. Early exit runs a chain of sessions, one per segment:
-    with a pool each, every run wakes its own workers while the last segment's go to sleep, so with several threads
-    the segments at full depth cost clearly more than the stock model's one session, and a shared pool takes most of
-    that back (the benchmark's ONNX Runtime section measures both). The pool belongs to the process: call this before the first
-    session is made, once (again with the same size is a no-op). Every session made after it runs on that pool
-    (:func:`make_session_options` says so; ONNX Runtime refuses a session with its own pool then), whatever its
-    ``threads``."""
+    Runtime's global thread pool) instead of a pool per session. Early exit runs a chain of sessions, one per
+    segment: with a pool each, every run wakes its own workers while the last segment's go to sleep, so with several
+    threads the segments at full depth cost clearly more than the stock model's one session, and a shared pool takes
+    most of that back (the benchmark's ONNX Runtime section measures both). The pool belongs to the process: call
+    this before the first session is made, once (again with the same size is a no-op). Every session made after it
+    runs on that pool (:func:`make_session_options` says so; ONNX Runtime refuses a session with its own pool then),
+    whatever its ``threads``."""
     require("onnxruntime")
     import onnxruntime as ort
 
