@@ -483,9 +483,9 @@ def decision_after_forward(model: torch.nn.Module, ids: torch.Tensor, mask: torc
 
 def measure_overhead(args: argparse.Namespace) -> dict:
     """The overhead measurement in ``args.overhead_processes`` fresh processes, one after another, and per policy the
-    median over them. A few µs of it depend on the process (where the interpreter's objects land in memory, hence
-    which of them collide in the CPU's caches): one process of the same code measured 3 µs or 9 µs per layer for
-    PABEE on this project's CPU. The median of several is the estimate; every process's value is reported."""
+    median over them. Part of it depends on the process (where the interpreter's objects land in memory, hence which
+    of them collide in the CPU's caches), so that two processes of the same code can differ by more than a change
+    does. The median of several is the estimate; every process's value is reported."""
     if args.overhead_processes <= 1:
         return overhead_in_this_process(args)
     runs = [overhead_in_fresh_process(args) for _ in range(args.overhead_processes)]

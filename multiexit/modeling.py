@@ -25,9 +25,8 @@ Exit settings are config attributes (saved with ``save_pretrained``):
 * ``exit_learned_weight_init``: the initial tᵢ of ``learned`` (ELBERT: 4.0);
 * ``exit_pooling``: what every exit reads from its layer: ``cls`` (the first token, as in all four papers; default)
   or ``mean`` (the mean over the real tokens). ``mean`` exists for checkpoints pre-trained with mean pooling, such as
-  the sentence-transformers model all-MiniLM-L6-v2: its [CLS] state barely varies between inputs below layer 4 (a
-  logistic-regression probe on SST-2 scores the majority class at layers 1-3, mean-pooled states 75-78 %), so [CLS]
-  exits there cannot learn anything.
+  the sentence-transformers model all-MiniLM-L6-v2: its [CLS] state barely varies between inputs below layer 4, so
+  [CLS] exits there cannot learn anything (docs/models.md has the probe that shows it).
 """
 
 from __future__ import annotations
@@ -71,9 +70,8 @@ def set_exit_settings(config: PretrainedConfig, **exit_settings: object) -> None
 
 def default_exit_head(model_default: str, exit_pooling: str) -> str:
     """The model's default head (PABEE's ``shared_pooler`` for BERT/ALBERT), except that mean-pooled exits default to
-    ``linear``: a pretrained pooler was trained on the [CLS] state, not on token means, and in the study a shared
-    pooler in front of mean-pooled exits was never better than none (all-MiniLM-L6-v2's pooler was never trained at
-    all; STS-B joint training collapsed through it, CoLA learned more slowly)."""
+    ``linear``: a pretrained pooler was trained on the [CLS] state, not on token means (the experiments behind the
+    choice: results/exit_heads/README.md)."""
     if model_default == "shared_pooler" and exit_pooling == "mean":
         return "linear"
     return model_default
@@ -189,9 +187,8 @@ class TokenWeights:
 @dataclass(frozen=True)
 class LoopModules:
     """What the layer loop looks up at every depth, resolved once per pass. Finding a submodule through nn.Module's
-    ``__getattr__`` chain and ``ModuleList`` indexing, or reading a config attribute, costs about a microsecond each
-    (a layer 3 µs, an exit head 2.5 µs, measured on this project's CPU): a batch-size-1 pass would otherwise pay that
-    at every layer, where a layer on a GPU takes tens of microseconds."""
+    ``__getattr__`` chain and ``ModuleList`` indexing, or reading a config attribute, is a chain of Python lookups: a
+    batch-size-1 pass would otherwise pay them at every layer, beside layers that are short on a GPU."""
 
     layers: list[nn.Module]  # layers[d]: the layer run at 0-indexed depth d
     heads: list[nn.Module]  # heads[d]: the exit after it
@@ -204,7 +201,7 @@ class EarlyExitOutput(NamedTuple):
 
     A named tuple, not an HF ``ModelOutput`` (which ``forward`` returns): batch-size-1 early exit builds one per input,
     and a ModelOutput's construction (its ``__post_init__`` and ``__setattr__`` look up the dataclass fields each
-    time) cost ~15 µs right after a pass of layers, more than a whole exit decision. Attribute access, indexing and
+    time) costs more than a whole exit decision right after a pass of layers. Attribute access, indexing and
     unpacking (``logits, exit_layers = model.early_exit(...)``) work as on a ModelOutput's ``to_tuple()``."""
 
     logits: torch.Tensor
@@ -589,13 +586,13 @@ class MultiExitMixin:
     ) -> tuple[torch.Tensor, torch.Tensor | None, TokenWeights | None]:
         """The input of layer 1, the attention mask every layer uses, and what mean-pooling exits weigh tokens by.
 
-        A mask without padding is dropped (as the stock model does) only where that costs no synchronisation: when it
-        is on the CPU, whose all-ones test is a host read, or absent. There the layers run without a mask, which is
-        faster (at batch size 1 on all-MiniLM-L6-v2, 21 tokens, ~0.3 ms of a 20 ms pass) and gives the same bits on
-        CPU: SDPA with an all-true mask and without one agree exactly, forward and backward. A mask on a GPU is always
-        materialised: testing it would read it on the host, a synchronisation per input that batch-size-1 early exit
-        cannot afford (and that a CUDA-graph capture forbids), and it keeps every pass on the masked kernels that the
-        padded batches it is compared with use."""
+        A mask without padding is dropped (as the stock model does) only where that costs no synchronisation: when it is
+        on the CPU, whose all-ones test is a host read, or absent. There the layers run without a mask, which is faster
+        (no mask to build and apply in every layer) and gives the same bits on CPU: SDPA with an all-true mask and
+        without one agree exactly, forward and backward. A mask on a GPU is always materialised: testing it would read
+        it on the host, a synchronisation per input that batch-size-1 early exit cannot afford (and that a CUDA-graph
+        capture forbids), and it keeps every pass on the masked kernels that the padded batches it is compared with
+        use."""
         hidden_states = self._embed(input_ids, token_type_ids, position_ids, inputs_embeds)
         if attention_mask is None or (attention_mask.device.type == "cpu" and attention_mask.dim() == 2
                                       and attention_mask.numpy().all()):  # numpy: host memory, no torch op
@@ -632,10 +629,10 @@ class MultiExitMixin:
     @torch.no_grad()
     def set_exit_output_bias(self, value: float | Sequence[float]) -> None:
         """Start every exit's prediction at ``value``: its output layer's bias (the weights are untouched), one number
-        (regression) or one per class. For a regression task, the training labels' mean: exits that start at 0 ask
-        the backbone for the whole label offset first, and jointly trained exits then flatten its representations (on
-        STS-B with all-MiniLM-L6-v2, whose pretrained pooler is an untrained random projection, every layer's Pearson
-        collapsed below 0.3). For classification, the log class frequencies start every exit at the prior."""
+        (regression) or one per class. For a regression task, the training labels' mean: exits that start at 0 ask the
+        backbone for the whole label offset first, and jointly trained exits then flatten its representations
+        (results/exit_heads/README.md traces it on STS-B). For classification, the log class frequencies start every
+        exit at the prior."""
         for head in self.exits:
             bias = head.output_layer.bias
             bias.copy_(torch.as_tensor(value, dtype=bias.dtype).expand_as(bias))
@@ -774,14 +771,14 @@ class MultiExitMixin:
         each layer and its exit from a CUDA graph captured per sequence-length bucket (:mod:`multiexit.cuda_graphs`)."""
         if torch.is_grad_enabled():
             # early exit never trains. An eval loop calls it in no_grad or inference mode already; there it skips the
-            # context manager, which a decorator would enter per input (~15 µs right after a pass of layers)
+            # context manager, which a decorator would enter per input, right after a pass of layers (cold caches)
             with torch.no_grad():
                 return self.early_exit(input_ids, attention_mask, token_type_ids, policy, position_ids, inputs_embeds,
                                        cuda_graphs)
         if policy is None:
             raise ValueError("early_exit needs an ExitPolicy")
         # a batch-size-1 sweep calls this once per input with the same policy: validate it (and read the config)
-        # once, not per input, where right after a pass of layers it costs ~10 µs (cold caches)
+        # once, not per input, where right after a pass of layers every lookup is a cache miss
         validated = self.__dict__.get("_validated_policy")
         if validated is None or validated[0] is not policy:
             policy.validate(self.config.num_labels, self.num_exit_layers)
