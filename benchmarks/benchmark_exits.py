@@ -177,9 +177,12 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float,
 
 
 def interleaved(variants: dict[str, Callable[[int], object]], slots: int, repeats: int, device: torch.device,
-                warmup: int = 1) -> tuple[dict[str, Timing], dict[str, list[object]]]:
+                warmup: int = 1, blocked: bool = False) -> tuple[dict[str, Timing], dict[str, list[object]]]:
     """Time every variant on every slot (``fn(i)`` runs slot i), ``repeats`` times, interleaved: for each slot all
-    variants run back to back, in an order rotated from slot to slot and repeat to repeat. Returns the times and each
+    variants run back to back, in an order rotated from slot to slot and repeat to repeat. ``blocked``: instead, each
+    repeat runs every slot of one variant before the next variant (in an order rotated from repeat to repeat), after
+    ``warmup`` untimed calls of it; for variants whose thread pools keep spinning after a call (several threads), so
+    that one variant's spinning workers do not take the cores of the next one's call. Returns the times and each
     variant's results per slot (from the last repeat)."""
     names = list(variants)
     for _ in range(warmup):
@@ -187,19 +190,31 @@ def interleaved(variants: dict[str, Callable[[int], object]], slots: int, repeat
             variants[name](0)
     timings = {name: Timing() for name in names}
     results: dict[str, list[object]] = {name: [None] * slots for name in names}
+
+    def time_call(repeat: int, name: str, slot: int) -> None:
+        wall, cpu, results[name][slot] = timed(lambda: variants[name](slot), device)
+        timings[name].wall[repeat][slot] = wall
+        timings[name].cpu[repeat][slot] = cpu
+
     for repeat in range(repeats):
         for name in names:
             timings[name].wall.append([0.0] * slots)
             timings[name].cpu.append([0.0] * slots)
+        if blocked:
+            shift = repeat % len(names)
+            for name in names[shift:] + names[:shift]:
+                for _ in range(warmup):
+                    variants[name](0)
+                for slot in range(slots):
+                    time_call(repeat, name, slot)
+            continue
         for slot in range(slots):
             shift = (repeat + slot) % len(names)
             order = names[shift:] + names[:shift]
             if (repeat + slot) % 2:
                 order.reverse()
             for name in order:
-                wall, cpu, results[name][slot] = timed(lambda name=name, slot=slot: variants[name](slot), device)
-                timings[name].wall[repeat][slot] = wall
-                timings[name].cpu[repeat][slot] = cpu
+                time_call(repeat, name, slot)
     return timings, results
 
 
@@ -975,7 +990,9 @@ def measure_fastest_path(args: argparse.Namespace, tokenizer, workdir: Path, res
 def fastest_path_block(args: argparse.Namespace, threads: int, model: torch.nn.Module, stock: FinalExitStock,
                        compiled: Callable | None, inputs: list[dict], labels: np.ndarray,
                        settings: dict[str, ExitPolicy], workdir: Path) -> dict:
-    """One interleaved run of every path at ``threads`` threads (torch's and ONNX Runtime's)."""
+    """One run of every path at ``threads`` threads (torch's and ONNX Runtime's): interleaved per document at one
+    thread; in blocks (every document of one path, then the next path) at several, where the worker threads that
+    torch's and ONNX Runtime's pools keep spinning after a call would take the cores of the next path's call."""
     from multiexit.onnx import OnnxMultiExitModel
 
     feeds = [numpy_inputs(x) for x in inputs]
@@ -1009,7 +1026,7 @@ def fastest_path_block(args: argparse.Namespace, threads: int, model: torch.nn.M
                                                                             policy))
     load_before = load_now()
     timings, outputs = interleaved({name: run for name, (_, run) in variants.items()}, len(inputs), args.repeats,
-                                   torch.device("cpu"), warmup=3)
+                                   torch.device("cpu"), warmup=3, blocked=threads > 1)
     ort_stock = timings["ONNX Runtime, stock"]
     rows = []
     for name, (setting, _) in variants.items():
@@ -1024,7 +1041,7 @@ def fastest_path_block(args: argparse.Namespace, threads: int, model: torch.nn.M
         fp32 = [r for r in rows if "int8" not in r["path"] and r["setting"] in ("", label)]
         ours["fastest_fp32"] = all(r["ms_per_example"] >= ours["ms_per_example"] for r in fp32)
         ours["pass"] = ours["fastest_fp32"] and passes("fastest", ours["speedup_over_ort_stock"])
-    return {"threads": threads, "examples": len(inputs), "rows": rows,
+    return {"threads": threads, "examples": len(inputs), "rows": rows, "blocked": threads > 1,
             "mean_tokens": float(np.mean([x["input_ids"].shape[1] for x in inputs])),
             "load_average": [load_before, load_now()]}
 
@@ -1049,8 +1066,9 @@ def run_onnx(args: argparse.Namespace, tokenizer, sentences: list, results: dict
     """The ONNX Runtime measurements. (f) at 1 thread here, and at 2 threads in a fresh process whose sessions share
     one thread pool, as the runner's do (``share_thread_pool``: the pool belongs to a process; a chain of sessions
     with a pool each is slower at several threads); its blocks in the order of (a), then threads. The fastest path
-    here at 1 and 2 threads, sessions with a pool each, whose workers stop spinning after each run: a shared pool's
-    spinning workers (ONNX Runtime's Python API cannot stop them) would slow the torch paths timed beside them."""
+    here at 1 and 2 threads (at 2 in blocks, one path after another), sessions with a pool each, whose workers stop
+    spinning after each run: a shared pool's spinning workers (ONNX Runtime's Python API cannot stop them) would slow
+    the torch paths timed after them."""
     if onnx_missing():
         results["skipped"].append(onnx_missing())
         return
@@ -1352,8 +1370,12 @@ def onnx_lines(m: dict) -> list[str]:
     for block in m.get("fastest", []):
         lines += ["", f"## The fastest path to the demo's accuracy, {block['threads']} thread(s)", "",
                   f"The demo model (`make demo`: all-MiniLM-L6-v2, 6 exits, BBC News), batch size 1, the first "
-                  f"{block['examples']} dev documents ({block['mean_tokens']:.0f} tokens on average), every path "
-                  f"interleaved per document, {block['threads']} thread(s) for torch and ONNX Runtime alike. Stock: "
+                  f"{block['examples']} dev documents ({block['mean_tokens']:.0f} tokens on average), "
+                  + ("every path timed in blocks (all documents of one path, then the next, the order rotated from "
+                     "repeat to repeat; a pool's workers keep spinning after a call and would take the next path's "
+                     "cores if the paths alternated per document)" if block.get("blocked")
+                     else "every path interleaved per document")
+                  + f", {block['threads']} thread(s) for torch and ONNX Runtime alike. Stock: "
                   "the encoder with all its layers and the final exit's head. Speed-up: ONNX Runtime stock's time ÷ "
                   "the path's (one run). Target: ONNX Runtime early exit the fastest fp32 path to its setting's "
                   "accuracy, at ≥ 1.8× ONNX Runtime stock. Every ONNX Runtime session has its own thread pool here "

@@ -76,6 +76,25 @@ def test_perfect_early_exit_prices_each_example_at_its_own_depth() -> None:
     assert math.isclose(benchmark_exits.perfect_early_exit_s([3.0, 9.0], depths, cut), 4.0 + 19.0)
 
 
+def test_interleaved_timing_orders_calls_per_slot_or_in_blocks() -> None:
+    import torch
+
+    calls: list[tuple[str, int]] = []
+    variants = {name: (lambda slot, name=name: calls.append((name, slot))) for name in ("a", "b")}
+    timings, _ = benchmark_exits.interleaved(variants, slots=3, repeats=2, device=torch.device("cpu"), warmup=0)
+    assert calls[:2] in ([("a", 0), ("b", 0)], [("b", 0), ("a", 0)])  # every variant on slot 0, then slot 1
+    assert [slot for _, slot in calls[:6]] == [0, 0, 1, 1, 2, 2]
+    calls.clear()
+    timings, _ = benchmark_exits.interleaved(variants, slots=3, repeats=2, device=torch.device("cpu"), warmup=1,
+                                             blocked=True)
+    # the warm-up of every variant; then per repeat, for each variant (the order rotating), a warm-up call on slot 0
+    # and every slot
+    assert calls == [("a", 0), ("b", 0),
+                     ("a", 0), ("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 0), ("b", 1), ("b", 2),
+                     ("b", 0), ("b", 0), ("b", 1), ("b", 2), ("a", 0), ("a", 0), ("a", 1), ("a", 2)]
+    assert all(len(timing.wall) == 2 and len(timing.wall[0]) == 3 for timing in timings.values())
+
+
 def test_report_has_every_section(smoke: tuple[dict, str]) -> None:
     _, report = smoke
     for heading in ("## Summary", "## The exit decision at batch size 1", "overhead per layer over the all-exits",
