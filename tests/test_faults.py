@@ -752,9 +752,15 @@ def test_sigint_keeps_its_behaviour(tiny_run: dict[str, Path], tmp_path: Path) -
         return original(batch)
 
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(runner_training, "model_inputs", model_inputs)
-        status, stderr = run_main(runner_argv(tiny_run, output_dir, "--max_steps", 12, "--save_steps", 0))
+    # Python's own SIGINT handler, as a terminal's run has it: a process started in the background by a
+    # non-interactive shell (nohup ... &) inherits SIGINT ignored, and Python then installs none
+    previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(runner_training, "model_inputs", model_inputs)
+            status, stderr = run_main(runner_argv(tiny_run, output_dir, "--max_steps", 12, "--save_steps", 0))
+    finally:
+        signal.signal(signal.SIGINT, previous_sigint)
     assert status == 130, stderr[-3000:]
     assert "interrupted: completed checkpoints and result lines are intact" in stderr
     assert not list_checkpoints(str(output_dir))
