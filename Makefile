@@ -1,7 +1,8 @@
 # Two commands on a fresh machine (each installs everything first):
 #   make demo   train a multi-exit MiniLM on bundled BBC News offline, sweep every exit policy, write results + plot
 #   make test   lint and run the whole test suite (what .ci/run calls)
-#   make test-fast   the inner loop: the suite without the tests marked slow (whole scripts, several processes)
+#   make test-fast   the inner loop: the suite without the tests marked slow (whole scripts, the runner end to end,
+#                    several processes)
 # TORCH_SPEC pins the torch used here (the CPU wheel where the index serves one; from PyPI add
 # TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" for it); on a CUDA machine install your torch
 # first and pass TORCH_SPEC=torch.

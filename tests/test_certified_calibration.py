@@ -131,6 +131,7 @@ def test_requests_that_cannot_be_certified_are_refused() -> None:
     check_risk_request("disagreement", 0.01, 0.1, "f1", 2, has_labels=False)  # disagreement needs no labels
 
 
+@pytest.mark.slow
 def test_batch_tests_are_their_stated_p_values() -> None:
     """The i.i.d. batch test's p-value is the binomial p-value P(Bin(n, r) <= k) averaged over r ~ Beta(a + 1, m − a)
     (the law whose CDF is P(Bin(m, r) > a)), which is the beta-binomial and the hypergeometric CDF of the docs; the
@@ -311,6 +312,7 @@ def passes_by_hand(losses: int, n: int, epsilon: float, level: float, batch: dic
 
 @pytest.mark.parametrize("batch", [{}, {"batch_size": None}, {"batch_size": 150, "batch_sampling": "iid"},
                                    {"batch_size": 150, "batch_sampling": "split"}], ids=str)
+@pytest.mark.slow
 def test_certify_is_fixed_sequence_testing_by_hand(batch: dict) -> None:
     """A continuous knob (DeeBERT, two-class entropy) and three PCEE templates: the answer is what the definition
     gives, computed here with the binomial p-value (or a batch certificate's hypergeometric one) and a loop that stops
@@ -413,6 +415,7 @@ def test_the_study_scores_subsets_as_compute_metrics_does() -> None:
                 assert scores[s, g] == pytest.approx(expected, abs=1e-9, nan_ok=True), (name, s, g)
 
 
+@pytest.mark.slow
 def test_the_study_replays_once_and_indexes_what_certify_chooses_per_halving(monkeypatch: pytest.MonkeyPatch) -> None:
     """risk_control's batched halvings give, halving by halving, what calibrating the calibration half with the
     library and scoring the test half gives (drops large enough for 60 calibration examples to certify some)."""
@@ -455,6 +458,7 @@ def test_the_study_replays_once_and_indexes_what_certify_chooses_per_halving(mon
     assert all(faster.values()), faster  # every method certified something faster in some halving
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_flag", [None, "held_out", "100"])
 def test_runner_reports_the_certified_setting(tmp_path: Path, batch_flag: str | None) -> None:
     """--calibrate_max_drop records the certified setting; with --calibrate_batch_size, the batch certificate: for

@@ -327,6 +327,7 @@ def test_no_data_dir_and_no_hub(tiny: dict[str, Path], tmp_path: Path, monkeypat
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_tolerated_input_runs_and_warns(tiny: dict[str, Path], tmp_path: Path,
                                         caplog: pytest.LogCaptureFixture) -> None:
     """BOM, CRLF line ends, unbalanced quotes (kept literally, no row merging) and inputs longer than
@@ -405,6 +406,7 @@ def _trusts_remote_code(text: str) -> bool:
 REMOTE_CODE_TEST = REPO / "tests" / "test_hf.py"
 
 
+@pytest.mark.slow
 def test_no_remote_code_and_no_unsafe_torch_load() -> None:
     files = _source_files()
     assert len(files) > 5

@@ -537,6 +537,7 @@ def _cache_files(output_dir: Path) -> tuple[Path, Path]:
 
 @pytest.mark.parametrize("damage", ["arrow cut to 200 bytes", "arrow cut in half", "count unreadable",
                                     "count of other examples"])
+@pytest.mark.slow
 def test_a_damaged_feature_cache_is_rebuilt(damage: str, tiny_run: dict[str, Path], tmp_path: Path,
                                             caplog: pytest.LogCaptureFixture) -> None:
     """The issue's case: ``features-*.arrow`` cut to 200 bytes stopped every later run in the folder with pyarrow's

@@ -105,6 +105,7 @@ def glue_dir(shared_dir: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("task", "folder", "split", "rows"), ROW_COUNTS, ids=[f"{r[1]}-{r[2]}" for r in ROW_COUNTS])
 def test_row_counts_and_labels(glue_dir: Path, task: str, folder: str, split: str, rows: int) -> None:
     spec = get_task(task)
@@ -535,6 +536,7 @@ def test_pair_task_requires_text_b(tokenizer: PreTrainedTokenizerBase) -> None:
         build_features([Example("a", "x", None, 0)], tokenizer, 16, get_task("rte"))
 
 
+@pytest.mark.slow
 def test_features_cache_is_created_and_reused(
     tokenizer: PreTrainedTokenizerBase, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -606,6 +608,7 @@ def test_albert_pairs_get_segment_ids_when_the_model_has_them(tmp_path: Path) ->
     assert no_segments["input_ids"] == features["input_ids"]
 
 
+@pytest.mark.slow
 def test_the_cache_key_follows_the_tokenizer_not_its_name(tokenizer: PreTrainedTokenizerBase, tmp_path: Path) -> None:
     """A changed tokenizer setting under the same name (a local folder rewritten, truncation side, lower-casing)
     changes the fingerprint, so stale features are never reused; using the tokenizer (which sets its truncation)

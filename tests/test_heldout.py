@@ -25,6 +25,7 @@ def test_the_split_is_fixed_and_disjoint(tmp_path: Path) -> None:
     assert guids == sorted(guids, key=lambda g: int(g.split("-")[1]))  # the original order
 
 
+@pytest.mark.slow
 def test_runner_evaluates_the_heldout_part(tmp_path: Path) -> None:
     model = make_tiny_model(tmp_path / "model", layers=2)
     data = write_sst2(tmp_path / "SST-2", train=40, dev=5)
@@ -64,6 +65,7 @@ def test_eval_all_checkpoints_evaluates_each_folder_once(tmp_path: Path) -> None
     assert evaluated_checkpoints(args, same_folder) == [same_folder]
 
 
+@pytest.mark.slow
 def test_a_stale_checkpoint_that_trained_on_the_held_out_part_is_refused(tmp_path: Path,
                                                                            caplog: pytest.LogCaptureFixture) -> None:
     """--do_train --eval_all_checkpoints also evaluates checkpoints an earlier run left in output_dir: one trained on

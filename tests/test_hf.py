@@ -295,6 +295,7 @@ def test_pipeline_runs_any_model_with_the_protocol(tok):
     assert stand_in.calls == len(texts) + 3
 
 
+@pytest.mark.slow
 def test_pipeline_serves_the_onnx_runtime_model(tok, tmp_path):
     """The deployment path: the same pipeline on the model exported to ONNX Runtime gives the torch model's labels
     and exit layers (scores within fp32 tolerance), one input at a time and batched."""
@@ -347,6 +348,7 @@ def test_pipeline_errors_are_clear(tok):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_trainer_trains_and_gathers_batch_first_predictions(tok, tmp_path):
     """16 examples in batches of 8: Trainer.predict returns the last exit's logits [16, C] and every exit's
     [16, L, C] (not the layer-first all_logits, nor the per-batch layer losses), equal to the model's own outputs on

@@ -51,6 +51,7 @@ def one_error(status: int, stderr: str) -> str:
     return errors[0]
 
 
+@pytest.mark.slow
 def test_the_card_describes_the_model_and_its_latest_evaluation(tiny, tmp_path):
     output = tmp_path / "out"
     status, stderr = run_main(base_args(tiny, output, *TRAIN, "--do_eval", "--eval_each_highway", "--patience", 1,
@@ -81,6 +82,7 @@ def test_the_card_describes_the_model_and_its_latest_evaluation(tiny, tmp_path):
     assert f"`{REMOTE_CODE_MODULE}.py`" in body and "A stock `BertModel` loads its backbone" in body
 
 
+@pytest.mark.slow
 def test_the_card_shows_the_calibrated_policy_in_its_usage_example(tiny, tmp_path):
     output = tmp_path / "out"
     status, stderr = run_main(base_args(tiny, output, *TRAIN, "--do_eval", "--calibrate_speedup", 1.5))
@@ -94,6 +96,7 @@ def test_the_card_shows_the_calibrated_policy_in_its_usage_example(tiny, tmp_pat
     assert f"policy={policy!r})" in body
 
 
+@pytest.mark.slow
 def test_a_trained_model_gets_a_card_before_any_evaluation_and_a_foreign_readme_is_kept(tiny, tmp_path):
     output = tmp_path / "out"
     status, stderr = run_main(base_args(tiny, output, *TRAIN))
@@ -136,6 +139,7 @@ def test_push_to_hub_needs_the_model_in_the_output_folder(tiny, tmp_path):
     assert "--push_to_hub uploads the model in --output_dir" in error
 
 
+@pytest.mark.slow
 def test_push_to_hub_uploads_the_model_folder_with_its_card(tiny, tmp_path, monkeypatch):
     calls = []
 
@@ -164,6 +168,7 @@ def test_push_to_hub_uploads_the_model_folder_with_its_card(tiny, tmp_path, monk
     assert len(calls) == 2
 
 
+@pytest.mark.slow
 def test_a_checkpoint_saved_with_the_backbone_model_type_evaluates_as_before(tiny, tmp_path):
     """Multi-exit checkpoints written before the multi-exit model types have config.json's model_type "bert" and no
     remote code: the runner evaluates them as it evaluates the same weights saved now."""
@@ -187,6 +192,7 @@ def test_a_checkpoint_saved_with_the_backbone_model_type_evaluates_as_before(tin
     assert "is a 'bert' checkpoint but --model_type is 'roberta'" in one_error(status, stderr)
 
 
+@pytest.mark.slow
 def test_check_hf_answers_finds_the_runners_answers_through_hf(tiny, tmp_path, capsys):
     """Real early exit at batch size 1 (verified against the replay) and the replay itself: the model loaded with
     AutoModelForSequenceClassification gives every example the runner's exit layer and label in the pipeline."""

@@ -49,6 +49,7 @@ def test_optimizer_group_is_constant_without_decay(tmp_path: Path) -> None:
     assert weights.grad is None
 
 
+@pytest.mark.slow
 def test_learned_weights_move_at_their_rate(tmp_path: Path) -> None:
     model = make_tiny_model(tmp_path / "model", layers=3)
     data = write_sst2(tmp_path / "SST-2", train=32, dev=4)

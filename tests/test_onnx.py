@@ -257,6 +257,7 @@ def test_fingerprint_follows_the_weights_and_the_config() -> None:
     assert fingerprint(first) != fingerprint(tiny_model("bert", layers=2, seed=0, exit_pooling="mean"))
 
 
+@pytest.mark.slow
 def test_the_command_exports_a_checkpoint(tmp_path: Path) -> None:
     """``python -m multiexit.onnx export CHECKPOINT OUTPUT_DIR`` (and ``--int8``); a checkpoint without trained exits is
     refused with one line."""
@@ -300,6 +301,7 @@ def test_refusals(tmp_path: Path) -> None:
             OnnxMultiExitModel.from_pretrained(folder, providers=["CUDAExecutionProvider"])
 
 
+@pytest.mark.slow
 def test_a_shared_thread_pool_gives_the_same_answers(tmp_path_factory: pytest.TempPathFactory) -> None:
     """share_thread_pool (in a fresh process: the pool is the process's): every session runs on it, the answers are
     the per-session pools' (within float rounding), and the pool cannot change size afterwards."""
@@ -326,6 +328,7 @@ def test_missing_extra_names_the_install_command(monkeypatch: pytest.MonkeyPatch
         require("onnxruntime")
 
 
+@pytest.mark.slow
 def test_the_core_imports_without_onnx() -> None:
     """Without onnx and onnxruntime the models, policies and runner import; the ONNX path says what to install."""
     code = ("import sys; sys.modules['onnx'] = None; sys.modules['onnxruntime'] = None\n"

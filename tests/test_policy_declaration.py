@@ -77,6 +77,7 @@ def test_toy_policy_through_replay_calibration_and_plot(toy_policy: type[ExitPol
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_toy_policy_through_the_runner(toy_policy: type[ExitPolicy], tmp_path: Path) -> None:
     args = runner_args.parse_args(["--task_name", "sst-2", "--output_dir", "x", "--toy_threshold", "0.5,0.9"])
     assert [p.label() for p in runner_args.policies_from_args(args)] == [

@@ -36,6 +36,7 @@ def export_command() -> list[str]:
     return [sys.executable, *command[1:]]
 
 
+@pytest.mark.slow
 def test_the_readme_examples_run_as_written(tmp_path, monkeypatch):
     tok = tokenizer()
     model = tiny_model("bert", layers=3, num_labels=len(DEMO_LABELS), vocab_size=len(tok),

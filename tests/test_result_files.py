@@ -13,6 +13,7 @@ from multiexit.runner import evaluation
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
+@pytest.mark.slow
 def test_no_record_loses_its_per_example_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # both runs start "in the same second", so their run folders must still differ
     monkeypatch.setattr(evaluation.time, "strftime", lambda *args: "20260101-000000")

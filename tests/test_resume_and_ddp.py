@@ -81,6 +81,7 @@ def test_concurrent_appends_from_two_processes_all_survive(tmp_path: Path) -> No
         assert [r["index"] for r in records if r["writer"] == writer] == list(range(count))
 
 
+@pytest.mark.slow
 def test_two_sweeps_into_one_results_file(tmp_path: Path) -> None:
     """Two evaluations of the runner writing into one output folder at the same time (forked, so both import once)."""
     model = make_tiny_model(tmp_path / "model", multi_exit=True)

@@ -39,6 +39,7 @@ def assert_metrics(result: dict, keys: set[str]) -> None:
         assert isinstance(value, float) and 0.0 <= value <= 1.0, (key, value)
 
 
+@pytest.mark.slow
 def test_hf_pabee_test_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     albert = make_tiny_stock_model(tmp_path / "albert-base-v2", "albert")
@@ -68,6 +69,7 @@ def test_hf_pabee_test_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert config["model_type"] == "multiexit_albert" and config["exit_loss_weighting"] == "weighted"  # PABEE's loss
 
 
+@pytest.mark.slow
 def test_pabee_readme_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     albert = make_tiny_stock_model(tmp_path / "albert-base-v2", "albert")
@@ -89,6 +91,7 @@ def test_pabee_readme_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert {r["params"]["patience"] for r in read_records(save) if r["policy"] == "pabee"} == set(range(3, 9))
 
 
+@pytest.mark.slow
 def test_hf_deebert_test_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                   caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.chdir(tmp_path)
