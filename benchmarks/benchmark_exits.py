@@ -185,7 +185,7 @@ def interleaved(variants: dict[str, Callable[[int], object]], slots: int, repeat
     that one variant's spinning workers do not take the cores of the next one's call. Returns the times and each
     variant's results per slot (from the last repeat)."""
     names = list(variants)
-    for _ in range(warmup):
+    for _ in range(0 if blocked else warmup):  # (blocked: each block warms its variant up)
         for name in names:
             variants[name](0)
     timings = {name: Timing() for name in names}
@@ -1024,9 +1024,9 @@ def fastest_path_block(args: argparse.Namespace, threads: int, model: torch.nn.M
         variants[f"ONNX Runtime early exit, {label}"] = (label, early(runtimes["segments"].early_exit, policy))
         variants[f"ONNX Runtime int8 early exit, {label}"] = (label, early(runtimes["segments-int8"].early_exit,
                                                                             policy))
-    load_before = load_now()
+    load_before, blocked = load_now(), threads > 1
     timings, outputs = interleaved({name: run for name, (_, run) in variants.items()}, len(inputs), args.repeats,
-                                   torch.device("cpu"), warmup=3, blocked=threads > 1)
+                                   torch.device("cpu"), warmup=3, blocked=blocked)
     ort_stock = timings["ONNX Runtime, stock"]
     rows = []
     for name, (setting, _) in variants.items():
@@ -1041,7 +1041,7 @@ def fastest_path_block(args: argparse.Namespace, threads: int, model: torch.nn.M
         fp32 = [r for r in rows if "int8" not in r["path"] and r["setting"] in ("", label)]
         ours["fastest_fp32"] = all(r["ms_per_example"] >= ours["ms_per_example"] for r in fp32)
         ours["pass"] = ours["fastest_fp32"] and passes("fastest", ours["speedup_over_ort_stock"])
-    return {"threads": threads, "examples": len(inputs), "rows": rows, "blocked": threads > 1,
+    return {"threads": threads, "examples": len(inputs), "rows": rows, "blocked": blocked,
             "mean_tokens": float(np.mean([x["input_ids"].shape[1] for x in inputs])),
             "load_average": [load_before, load_now()]}
 
