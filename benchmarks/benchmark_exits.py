@@ -871,17 +871,23 @@ def measure_ort_bs1(pair: ModelPair, regime: Regime, policies: list[ExitPolicy],
                     folder: Path, threads: int, providers: list[str] | None = None) -> dict:
     """(f): ONNX Runtime early exit at batch size 1 (the segments of ``folder``) against the stock model exported
     whole and run by ONNX Runtime, per setting of (a): wall speed-up ÷ layer speed-up; beside it the speed-up over
-    the segments run to full depth (budget(L)). ``providers``: ONNX Runtime's (default: CPU)."""
+    the segments run to full depth (budget(L)), and (no target) the segments at full depth driven through IO
+    bindings instead (the runtime's other driver, its default on CUDA only). ``providers``: ONNX Runtime's (default:
+    CPU)."""
     from multiexit.onnx import OnnxMultiExitModel
 
     inputs = regime.singles[: args.examples]
     feeds = [numpy_inputs(x) for x in inputs]
     runtime = OnnxMultiExitModel.from_pretrained(folder / "segments", threads=threads, providers=providers)
+    other_driver = OnnxMultiExitModel.from_pretrained(folder / "segments", threads=threads, providers=providers,
+                                                      io_binding=not runtime.io_binding)
     stock = ort_stock_session(StockLogits(pair.stock), inputs[0], folder / "stock.onnx", threads, providers)
     num_layers = pair.num_layers
+    full_depth = BudgetExit(layer=num_layers)
     variants: dict[str, Callable[[int], object]] = {
         "ort stock full depth": lambda i: stock.run(None, feeds[i]),
-        f"ort budget({num_layers})": lambda i: runtime.early_exit(**inputs[i], policy=BudgetExit(layer=num_layers)),
+        f"ort budget({num_layers})": lambda i: runtime.early_exit(**inputs[i], policy=full_depth),
+        f"ort budget({num_layers}), other driver": lambda i: other_driver.early_exit(**inputs[i], policy=full_depth),
     }
     for policy in policies:
         variants[policy.label()] = lambda i, p=policy: runtime.early_exit(**inputs[i], policy=p).exit_layers
@@ -905,6 +911,9 @@ def measure_ort_bs1(pair: ModelPair, regime: Regime, policies: list[ExitPolicy],
             "mean_tokens": float(np.mean([x["input_ids"].shape[1] for x in inputs])),
             "stock_s_per_example": stock_t.wall_s / len(inputs),
             "segments_full_depth_s_per_example": segments_t.wall_s / len(inputs),
+            "io_binding": runtime.io_binding,
+            "segments_full_depth_other_driver_s_per_example":
+                timings[f"ort budget({num_layers}), other driver"].wall_s / len(inputs),
             "load_average": [load_before, load_now()], "rows": rows}
 
 
@@ -950,11 +959,11 @@ def demo_setup(args: argparse.Namespace, tokenizer, workdir: Path):  # noqa: ANN
 
 @torch.no_grad()
 def measure_fastest_path(args: argparse.Namespace, tokenizer, workdir: Path, results: dict,  # noqa: ANN001
-                         thread_counts: tuple[int, ...] = (1, 2)) -> list[dict]:
-    """ms per example at batch size 1 of every way to run the demo model to its accuracy, at 1 and 2 threads, from
-    one interleaved run per thread count: torch eager and torch.compile (inductor, dynamic shapes) of the stock model
-    (all layers, the final exit), that model exported whole to ONNX Runtime, torch early exit and ONNX Runtime early
-    exit for the demo's DeeBERT 0.7 and PABEE 2 settings, and both ONNX Runtime paths int8-quantised."""
+                         thread_counts: tuple[int, ...]) -> list[dict]:
+    """ms per example at batch size 1 of every way to run the demo model to its accuracy, at each of
+    ``thread_counts``, from one run per thread count: torch eager and torch.compile (inductor, dynamic shapes) of the
+    stock model (all layers, the final exit), that model exported whole to ONNX Runtime, torch early exit and ONNX
+    Runtime early exit for the demo's DeeBERT 0.7 and PABEE 2 settings, and both ONNX Runtime paths int8-quantised."""
     from multiexit.bert import MultiExitBertForSequenceClassification
     from multiexit.onnx import export_onnx
 
@@ -992,7 +1001,9 @@ def fastest_path_block(args: argparse.Namespace, threads: int, model: torch.nn.M
                        settings: dict[str, ExitPolicy], workdir: Path) -> dict:
     """One run of every path at ``threads`` threads (torch's and ONNX Runtime's): interleaved per document at one
     thread; in blocks (every document of one path, then the next path) at several, where the worker threads that
-    torch's and ONNX Runtime's pools keep spinning after a call would take the cores of the next path's call."""
+    torch's and ONNX Runtime's pools keep spinning after a call would take the cores of the next path's call. The
+    ONNX Runtime sessions (stock and segments) run on this process's shared pool where :func:`share_thread_pool` made
+    one (:func:`onnx_child`), else on a pool each."""
     from multiexit.onnx import OnnxMultiExitModel
 
     feeds = [numpy_inputs(x) for x in inputs]
@@ -1063,30 +1074,29 @@ def onnx_section(args: argparse.Namespace, tokenizer, sentences: list, threads: 
 
 
 def run_onnx(args: argparse.Namespace, tokenizer, sentences: list, results: dict) -> None:  # noqa: ANN001
-    """The ONNX Runtime measurements. (f) at 1 thread here, and at 2 threads in a fresh process whose sessions share
-    one thread pool, as the runner's do (``share_thread_pool``: the pool belongs to a process; a chain of sessions
-    with a pool each is slower at several threads); its blocks in the order of (a), then threads. The fastest path
-    here at 1 and 2 threads (at 2 in blocks, one path after another), sessions with a pool each, whose workers stop
-    spinning after each run: a shared pool's spinning workers (ONNX Runtime's Python API cannot stop them) would slow
-    the torch paths timed after them."""
+    """The ONNX Runtime measurements, (f) and the fastest path: at 1 thread here, and at 2 threads in a fresh process
+    whose sessions share one thread pool, as the runner's do (``share_thread_pool``: the pool belongs to a process; a
+    chain of sessions with a pool each is slower at several threads); (f)'s blocks in the order of (a), then
+    threads."""
     if onnx_missing():
         results["skipped"].append(onnx_missing())
         return
     onnx_section(args, tokenizer, sentences, 1, results)
+    with tempfile.TemporaryDirectory() as workdir:
+        results["measurements"]["fastest"] = measure_fastest_path(args, tokenizer, Path(workdir), results, (1,))
     child = onnx_in_fresh_process(args, 2)
     results["measurements"]["f"] += child["measurements"]["f"]
+    results["measurements"]["fastest"] += child["measurements"]["fastest"]
     results["skipped"] += child["skipped"]
     results["notes"] += child["notes"]
     regimes = list(dict.fromkeys(block["regime"] for block in results["measurements"]["f"]))
     results["measurements"]["f"].sort(key=lambda block: (block["model"], regimes.index(block["regime"]),
                                                          block["threads"]))
-    with tempfile.TemporaryDirectory() as workdir:
-        results["measurements"]["fastest"] = measure_fastest_path(args, tokenizer, Path(workdir), results)
 
 
 def onnx_in_fresh_process(args: argparse.Namespace, threads: int) -> dict:
-    """:func:`onnx_section` at ``threads`` threads in a new interpreter (this file with ``--_onnx_child``), which
-    shares one ONNX Runtime thread pool among its sessions."""
+    """:func:`onnx_section` and the fastest path at ``threads`` threads in a new interpreter (this file with
+    ``--_onnx_child``), which shares one ONNX Runtime thread pool among its sessions."""
     argv, skip = [], False
     for arg in args.argv:  # the parent's command line, less the files that only the parent writes
         if not skip and arg in ("--output", "--json"):
@@ -1112,7 +1122,10 @@ def onnx_child(args: argparse.Namespace, tokenizer, sentences: list) -> None:  #
     share_thread_pool(threads)
     results = {"measurements": {"f": []}, "skipped": [], "notes": []}
     onnx_section(args, tokenizer, sentences, threads, results)
-    for block in results["measurements"]["f"]:
+    with tempfile.TemporaryDirectory() as workdir:
+        results["measurements"]["fastest"] = measure_fastest_path(args, tokenizer, Path(workdir), results,
+                                                                  (threads,))
+    for block in results["measurements"]["f"] + results["measurements"]["fastest"]:
         block["shared_thread_pool"] = True
     print(json.dumps(results))
 
@@ -1342,6 +1355,13 @@ def bs1_lines(block: dict) -> list[str]:
     return lines + [""]
 
 
+def other_driver_ms(block: dict) -> str:
+    """The (f) table's IO-binding column: the segments at full depth through IO bindings (blank where the block's
+    runtime already used them, as on CUDA)."""
+    other = block.get("segments_full_depth_other_driver_s_per_example")
+    return "" if other is None or block.get("io_binding") else ms(other)
+
+
 def onnx_lines(m: dict) -> list[str]:
     """(f) and the fastest path to the demo's accuracy (ONNX Runtime)."""
     lines = []
@@ -1354,16 +1374,21 @@ def onnx_lines(m: dict) -> list[str]:
                   "optimisation) at full depth, interleaved per example; the settings of (a). Ratio: wall speed-up ÷ "
                   "L / avg exit; target ≥ 0.9. Beside it (no target) the same against the segments run to full depth "
                   "(budget(L)). With 2 threads the segments' sessions share one thread pool "
-                  "(`multiexit.onnx.runtime.share_thread_pool`, in a process of its own), as the runner's do.", "",
-                  "| model / inputs | threads | stock, ms/example | segments full depth | policy | setting | avg exit "
-                  "| L/avg | wall speed-up | ratio | ratio (min of repeats) | ratio over segments | |",
-                  "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
+                  "(`multiexit.onnx.runtime.share_thread_pool`, in a process of its own), as the runner's do. The "
+                  "runtime feeds the segments numpy arrays on the CPU (`session.run`); the column \"IO binding\" "
+                  "(no target) times the segments at full depth through its other driver, IO bindings that keep "
+                  "the state as ORT values (`io_binding=True`, its default on CUDA).", "",
+                  "| model / inputs | threads | stock, ms/example | segments full depth | IO binding | policy | "
+                  "setting | avg exit | L/avg | wall speed-up | ratio | ratio (min of repeats) | ratio over segments "
+                  "| |",
+                  "|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
         for block in f_blocks:
             provider = "" if block["provider"] == "CPUExecutionProvider" else f", {block['provider']}"
             for r in block["rows"]:
                 lines.append(f"| {block['model']} / {block['regime']} ({block['mean_tokens']:.0f} tokens{provider}) | "
                              f"{block['threads']} | {ms(block['stock_s_per_example'])} | "
-                             f"{ms(block['segments_full_depth_s_per_example'])} | {r['policy']} | `{r['setting']}` | "
+                             f"{ms(block['segments_full_depth_s_per_example'])} | "
+                             f"{other_driver_ms(block)} | {r['policy']} | `{r['setting']}` | "
                              f"{r['avg_exit_layer']:.2f} | {r['layer_speedup']:.2f} | {r['wall_speedup']:.2f} | "
                              f"{r['ratio']:.3f} | {r['ratio_min']:.3f} | {r['ratio_over_segments']:.3f} | "
                              f"{verdict(r['pass'])} |")
@@ -1378,8 +1403,12 @@ def onnx_lines(m: dict) -> list[str]:
                   + f", {block['threads']} thread(s) for torch and ONNX Runtime alike. Stock: "
                   "the encoder with all its layers and the final exit's head. Speed-up: ONNX Runtime stock's time ÷ "
                   "the path's (one run). Target: ONNX Runtime early exit the fastest fp32 path to its setting's "
-                  "accuracy, at ≥ 1.8× ONNX Runtime stock. Every ONNX Runtime session has its own thread pool here "
-                  "(a shared pool's workers keep spinning and would slow the torch paths timed beside them).", "",
+                  "accuracy, at ≥ 1.8× ONNX Runtime stock. "
+                  + ("Every ONNX Runtime session, stock and segments, runs on one thread pool shared by the process "
+                     "(`share_thread_pool`, in a process of its own), as the runner's do; its workers stop spinning "
+                     "after each run (`session.force_spinning_stop`), as every session of this package's does."
+                     if block.get("shared_thread_pool") else
+                     "Each ONNX Runtime session has its own thread pool."), "",
                   "| path | setting | ms / example | accuracy | layers | speed-up over ONNX Runtime stock | (min of "
                   "repeats) | |", "|---|---|---:|---:|---:|---:|---:|---|"]
         for r in block["rows"]:

@@ -31,7 +31,15 @@ from test_batched_exit import LENGTHS, SETTINGS, _policies  # noqa: E402
 from multiexit.errors import UserInputError  # noqa: E402
 from multiexit.modeling import EXIT_HEAD_TYPES, EXIT_POOLINGS, POOLED_HEAD_TYPES  # noqa: E402
 from multiexit.onnx import OnnxMultiExitModel, export_onnx, require  # noqa: E402
-from multiexit.onnx.export import ATOL, MANIFEST_FILE, RTOL, Manifest, find_or_export, fingerprint  # noqa: E402
+from multiexit.onnx.export import (  # noqa: E402
+    ATOL,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    RTOL,
+    Manifest,
+    find_or_export,
+    fingerprint,
+)
 from multiexit.policies import BudgetExit, PatienceExit, replay  # noqa: E402
 from multiexit.tiny import tiny_model  # noqa: E402
 
@@ -67,8 +75,12 @@ _EXPORTS: dict[tuple, tuple] = {}
 
 
 def exported(tmp_path_factory: pytest.TempPathFactory, model_type: str, pooling: str, head: str | None = None,
-             layers: int = NUM_LAYERS) -> tuple[torch.nn.Module, OnnxMultiExitModel]:
-    """A tiny random model (large weights: answers vary from layer to layer) and its export, made once per session."""
+             layers: int = NUM_LAYERS, io_binding: bool = False) -> tuple[torch.nn.Module, OnnxMultiExitModel]:
+    """A tiny random model (large weights: answers vary from layer to layer) and its export, made once per session;
+    ``io_binding``: the runtime drives the sessions through IO bindings, as it does on CUDA."""
+    if io_binding:
+        model, runtime = exported(tmp_path_factory, model_type, pooling, head, layers)
+        return model, OnnxMultiExitModel.from_pretrained(runtime.folder, threads=1, io_binding=True)
     key = (model_type, pooling, head, layers)
     if key not in _EXPORTS:
         settings = {**SETTINGS, "layers": layers}
@@ -156,14 +168,17 @@ def test_packaged_minilm_agrees_with_torch(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("io_binding", [False, True], ids=["host-state", "io-binding"])
 @pytest.mark.parametrize("model_type", ["bert", "albert"])
-def test_early_exit_equals_replay_of_its_own_logits(tmp_path_factory: pytest.TempPathFactory, model_type: str) -> None:
+def test_early_exit_equals_replay_of_its_own_logits(tmp_path_factory: pytest.TempPathFactory, model_type: str,
+                                                    io_binding: bool) -> None:
     """Batch size 1 (each row alone): exit layers and answers bit-identical to the replay of the ONNX model's own
-    per-layer logits of that row. Batched (exited rows leave the batch through the select_rows segment): the exit
-    layers and predictions of the replay of its all-layer pass on the padded batch, answers within float rounding
-    (settings far from every cached value, as in test_batched_exit)."""
+    per-layer logits of that row. Batched (exited rows leave the batch: numpy takes them from the host state, the
+    select_rows segment from an IO binding's): the exit layers and predictions of the replay of its all-layer pass
+    on the padded batch, answers within float rounding (settings far from every cached value, as in
+    test_batched_exit). Both drivers (the CPU default, and IO bindings as on CUDA)."""
     pooling = "mean" if model_type == "albert" else "cls"  # mean: the compacted mask must weigh the tokens
-    model, runtime = exported(tmp_path_factory, model_type, pooling)
+    model, runtime = exported(tmp_path_factory, model_type, pooling, io_binding=io_binding)
     batch = padded_batch(model.config)
     cached = runtime(**batch).all_logits.transpose(0, 1)  # [N, L, C]
     policies = [policy for settings in _policies(cached).values() for policy in settings]
@@ -186,9 +201,9 @@ def test_early_exit_equals_replay_of_its_own_logits(tmp_path_factory: pytest.Tem
 
 def test_one_read_of_the_exit_logits_per_layer(tmp_path_factory: pytest.TempPathFactory,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """At batch size 1 the host reads each read layer's exit logits once (an OrtValue.numpy() of [1, C]) and never
-    the hidden states; a budget reads only its own layer."""
-    model, runtime = exported(tmp_path_factory, "bert", "mean")
+    """With IO bindings (the CUDA driver, here on the CPU) the host reads each read layer's exit logits once at batch
+    size 1 (an OrtValue.numpy() of [1, C]) and never the hidden states; a budget reads only its own layer."""
+    model, runtime = exported(tmp_path_factory, "bert", "mean", io_binding=True)
     reads: list[tuple[int, ...]] = []
     original = ort.OrtValue.numpy
 
@@ -250,6 +265,33 @@ def test_a_matching_export_is_reused_and_another_replaced(tmp_path: Path, monkey
         model.exits[1].classifier.bias.add_(1.0)
     find_or_export(model, folder, progress=False)  # other weights: exported again
     assert len(exports) == 1
+
+
+def test_a_version_1_export_still_runs_and_is_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Version 1 exports passed the boolean layer mask to every layer segment; this runtime still runs them (with the
+    torch model's answers), and find_or_export replaces one with a current export."""
+    import multiexit.onnx.export as export_module
+
+    model = tiny_model("bert", layers=2, **{k: v for k, v in SETTINGS.items() if k != "layers"}).eval()
+    folder = tmp_path / "export"
+    with monkeypatch.context() as patch:  # the version 1 segments: the mask left boolean
+        patch.setattr(export_module, "additive_mask", lambda mask, dtype: mask)
+        export_onnx(model, str(folder), progress=False)
+    import onnx
+
+    masks = [value for value in onnx.load(str(folder / "embeddings.onnx")).graph.output if value.name == "layer_mask"]
+    assert masks[0].type.tensor_type.elem_type == onnx.TensorProto.BOOL
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    (folder / MANIFEST_FILE).write_text(json.dumps({**manifest, "format_version": 1}))
+    runtime = OnnxMultiExitModel.from_pretrained(folder, threads=1)
+    assert runtime.manifest.format_version == 1
+    batch = padded_batch(model.config)
+    with torch.no_grad():
+        assert_agree(runtime(**batch).all_logits, model(**batch).all_logits)
+    find_or_export(model, str(folder), progress=False)
+    assert Manifest.load(str(folder)).format_version == FORMAT_VERSION
+    masks = [value for value in onnx.load(str(folder / "embeddings.onnx")).graph.output if value.name == "layer_mask"]
+    assert masks[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
 
 
 def test_fingerprint_follows_the_weights_and_the_config() -> None:

@@ -46,7 +46,10 @@ from multiexit.onnx import require
 logger = logging.getLogger(__name__)
 
 FORMAT = "multiexit-onnx-segments"
-FORMAT_VERSION = 1
+# 2: the layer mask is additive (version 1's boolean mask costs every layer segment a Where). This code runs both;
+# find_or_export replaces a version 1 export
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_FILE = "onnx_manifest.json"
 OPSET = 17  # the TorchScript exporter's LayerNormalization (opset 17) is one node, which ONNX Runtime runs fused
 EXPORTER = "torchscript"
@@ -110,9 +113,10 @@ class Manifest:
                                  f"with: python -m multiexit.onnx export CHECKPOINT {folder})")
         with open(path, encoding="utf-8") as stream:
             data = json.load(stream)
-        if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
+        if data.get("format") != FORMAT or data.get("format_version") not in READABLE_VERSIONS:
             raise UserInputError(f"{path}: format {data.get('format')!r} version {data.get('format_version')!r}; this "
-                                 f"code reads {FORMAT!r} version {FORMAT_VERSION}: export the checkpoint again")
+                                 f"code reads {FORMAT!r} versions {', '.join(map(str, READABLE_VERSIONS))}: export the "
+                                 "checkpoint again")
         data["depths"] = [DepthSegments(**depth) for depth in data["depths"]]
         return cls(**data)
 
@@ -137,6 +141,15 @@ def fingerprint(model: nn.Module) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def additive_mask(layer_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The layers' attention mask as transformers' ``eager_mask`` makes it from a boolean one: 0 where attended, the
+    dtype's minimum elsewhere. Made once, in the embeddings segment: attention given a boolean mask converts it in
+    every layer (a Where in each layer segment, which the stock graph, one graph, does once)."""
+    if layer_mask.dtype != torch.bool:
+        return layer_mask
+    return torch.where(layer_mask, torch.zeros((), dtype=dtype), torch.finfo(dtype).min)
+
+
 class _Embeddings(nn.Module):
     """The embeddings, and what every layer and exit then takes from the [batch, tokens] attention mask, made once as
     the torch model's ``_prepare`` makes it: the layers' attention mask, and mean-pooling exits' token weights."""
@@ -148,7 +161,8 @@ class _Embeddings(nn.Module):
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, attention_mask: torch.Tensor
                 ) -> tuple[torch.Tensor, ...]:
         hidden_states = self.model._embed(input_ids, token_type_ids, None, None)
-        outputs = (hidden_states, self.model._layer_mask(hidden_states, attention_mask))
+        layer_mask = additive_mask(self.model._layer_mask(hidden_states, attention_mask), hidden_states.dtype)
+        outputs = (hidden_states, layer_mask)
         weights = self.model._token_weights(hidden_states, attention_mask)
         return outputs if weights is None else (*outputs, weights.weights, weights.count)
 
@@ -390,7 +404,7 @@ def find_or_export(model: MultiExitMixin, output_dir: str, tokenizer: object = N
         except (UserInputError, TypeError, KeyError, ValueError):
             manifest = None
         if (manifest is not None and manifest.int8 == int8 and manifest.opset == OPSET
-                and manifest.source_fingerprint == fingerprint(model)):
+                and manifest.format_version == FORMAT_VERSION and manifest.source_fingerprint == fingerprint(model)):
             logger.info("reusing the ONNX export in %s (same weights)", output_dir)
             return output_dir
     return export_onnx(model, output_dir, tokenizer, int8=int8, progress=progress)

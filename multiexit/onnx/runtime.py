@@ -3,11 +3,16 @@
 :class:`OnnxMultiExitModel` answers as the torch model does (``early_exit`` -> :class:`EarlyExitOutput`, the
 all-exits pass -> ``all_logits`` [L, B, C], torch tensors on the host), and decides as it does: the loop is
 :func:`multiexit.modeling.run_layers` and the decisions :class:`multiexit.policies.ExitTracker`'s; only the driver
-(:class:`_OrtLayerPass`) is ONNX Runtime's. The hidden states stay ORT values from one segment to the next (on the
-execution provider's device: with CUDA they never come back to the host); the exit logits are the one read per layer.
-Every session runs through an IO binding whose outputs are bound afresh at every run: ONNX Runtime reuses a bound
-output's buffer from run to run otherwise, and a layer group that runs at consecutive depths would overwrite its own
-input.
+(:class:`_OrtLayerPass`) is ONNX Runtime's. A pass's state goes from one segment to the next in one of two ways:
+
+* on the host (the CPU provider's default): numpy arrays, fed to ``session.run``. Its outputs already are host memory,
+  so an IO binding has nothing to keep in place there, and costs each run more than it saves (BENCHMARKS.md, (f));
+* through an IO binding (the CUDA provider's default, ``io_binding=True``): the state stays ORT values on the
+  provider's device and never comes back to the host; only the exit logits are bound to host memory. Outputs are
+  bound afresh at every run: ONNX Runtime reuses a bound output's buffer from run to run otherwise, and a layer group
+  that runs at consecutive depths would overwrite its own input.
+
+Either way the exit logits [B, C] are the one read per layer.
 """
 
 from __future__ import annotations
@@ -33,13 +38,13 @@ CUDA_PROVIDER = "CUDAExecutionProvider"
 
 
 class _Session:
-    """One ONNX file's session and IO binding. Inputs are bound by name from the pass's state (an exit that reads
-    only [CLS] takes no token weights); outputs come back as ORT values, the state on ``device``, exit logits on the
-    host."""
+    """One ONNX file's session. Its inputs are taken by name from the pass's state (an exit that reads only [CLS]
+    takes no token weights). Without an IO binding they are numpy arrays and so are its outputs; with one they are ORT
+    values, the state on ``device``, the exit logits on the host."""
 
-    def __init__(self, session, device: str) -> None:  # noqa: ANN001 - an onnxruntime.InferenceSession
+    def __init__(self, session, device: str, io_binding: bool) -> None:  # noqa: ANN001 - an InferenceSession
         self.session = session
-        self.binding = session.io_binding()
+        self.binding = session.io_binding() if io_binding else None
         self.input_names = [value.name for value in session.get_inputs()]
         self.outputs = [(value.name, "cpu" if value.name == EXIT_LOGITS else device)
                         for value in session.get_outputs()]
@@ -47,6 +52,8 @@ class _Session:
 
     def run(self, inputs: dict[str, object]) -> list:
         binding = self.binding
+        if binding is None:
+            return self.session.run(self.output_names, {name: inputs[name] for name in self.input_names})
         for name in self.input_names:
             binding.bind_ortvalue_input(name, inputs[name])
         for name, device in self.outputs:  # fresh output buffers (see the module docstring)
@@ -66,7 +73,7 @@ class _DepthSessions:
 
 class _OrtLayerPass:
     """One batch's pass through the segments (:class:`multiexit.modeling.LayerPass`): the running rows' state
-    (hidden states, layer mask, token weights), ORT values by name."""
+    (hidden states, layer mask, token weights) by name: numpy arrays, or ORT values with an IO binding."""
 
     __slots__ = ("depths", "select_rows", "state")
 
@@ -81,12 +88,17 @@ class _OrtLayerPass:
         outputs = sessions.layer.run(state)
         state[HIDDEN_STATES] = outputs[0]
         logits = outputs[1] if sessions.exit is None else sessions.exit.run(state)[0]
-        return torch.from_numpy(logits.numpy())  # host memory: a view, the tracker's tolist() is the one read
+        # host memory either way: a view, and the tracker's tolist() is the one read
+        return torch.from_numpy(logits if isinstance(logits, np.ndarray) else logits.numpy())
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         from onnxruntime import OrtValue
 
         select = self.select_rows
+        if select.binding is None:  # the state is on the host: numpy takes the rows
+            index = rows.numpy()
+            self.state = {name: value[index] for name, value in self.state.items()}
+            return
         inputs = {f"{name}_in": value for name, value in self.state.items()}
         inputs[ROWS] = OrtValue.ortvalue_from_numpy(rows.numpy())
         self.state = dict(zip(select.output_names, select.run(inputs)))
@@ -101,10 +113,10 @@ class OnnxMultiExitModel:
     the torch model's."""
 
     def __init__(self, folder: str, manifest: Manifest, config: object, sessions: dict[str, _Session],
-                 device: str, threads: int | None) -> None:
+                 device: str, threads: int | None, io_binding: bool) -> None:
         self.folder, self.manifest, self.config = folder, manifest, config
         # a torch.device, as the torch model's (the pipeline puts its inputs there); ONNX Runtime takes its type
-        self.device, self.threads = torch.device(device), threads
+        self.device, self.threads, self.io_binding = torch.device(device), threads, io_binding
         self._embeddings = sessions[manifest.embeddings]
         self._select_rows = sessions[manifest.select_rows]
         self._depths = [_DepthSessions(sessions[d.layer], sessions[d.exit] if d.exit else None)
@@ -115,12 +127,14 @@ class OnnxMultiExitModel:
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike[str], threads: int | None = None,
                         providers: Sequence[str | tuple[str, dict]] | None = None, session_options: object = None,
-                        manifest: Manifest | None = None) -> OnnxMultiExitModel:
+                        manifest: Manifest | None = None, io_binding: bool | None = None) -> OnnxMultiExitModel:
         """Load an export folder. ``threads``: ONNX Runtime's intra-op threads per session (None: its default, one
         per physical core; with several, :func:`share_thread_pool` first is faster); ``providers``: execution
         providers (default CPU; ``["CUDAExecutionProvider"]`` keeps the hidden states on the GPU);
         ``session_options``: an ``onnxruntime.SessionOptions`` to use instead of this package's
-        (:func:`make_session_options`; ``threads``, if given, is set on it)."""
+        (:func:`make_session_options`; ``threads``, if given, is set on it); ``io_binding``: run the sessions through
+        IO bindings, the state kept as ORT values on the provider's device (None: with CUDA only; see the module
+        docstring)."""
         require("onnxruntime")
         import onnxruntime as ort
         from transformers import AutoConfig
@@ -137,14 +151,15 @@ class OnnxMultiExitModel:
                                  + ("; for CUDA install onnxruntime-gpu instead of onnxruntime"
                                     if CUDA_PROVIDER in missing else ""))
         device = "cuda" if names[0] == CUDA_PROVIDER else "cpu"
+        io_binding = device != "cpu" if io_binding is None else io_binding
         files = {manifest.embeddings, manifest.select_rows}
         files |= {d.layer for d in manifest.depths} | {d.exit for d in manifest.depths if d.exit}
         sessions = {}
         for name in sorted(files):
             options = make_session_options(ort, session_options, threads)
             session = ort.InferenceSession(os.path.join(folder, name), options, providers=providers)
-            sessions[name] = _Session(session, device)
-        return cls(folder, manifest, config, sessions, device, threads)
+            sessions[name] = _Session(session, device, io_binding)
+        return cls(folder, manifest, config, sessions, device, threads, io_binding)
 
     @property
     def num_exit_layers(self) -> int:
@@ -159,24 +174,26 @@ class OnnxMultiExitModel:
         return self
 
     # ---- inputs -----------------------------------------------------------------------------------------------------
-    def _ortvalue(self, values: torch.Tensor | np.ndarray) -> object:
+    def _input(self, values: torch.Tensor | np.ndarray) -> object:
+        """One [batch, tokens] input as the embeddings segment takes it: int64 numpy, or an ORT value on the
+        provider's device with an IO binding."""
         from onnxruntime import OrtValue
 
         array = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
         array = np.ascontiguousarray(array, dtype=np.int64)
         if array.ndim != 2:
             raise ValueError(f"expected [batch, tokens] inputs, got shape {array.shape}")
-        return OrtValue.ortvalue_from_numpy(array, self.device.type, 0)
+        return OrtValue.ortvalue_from_numpy(array, self.device.type, 0) if self.io_binding else array
 
     def _start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                token_type_ids: torch.Tensor | None) -> _OrtLayerPass:
         """Run the embeddings: the pass that the layers then continue."""
         if input_ids is None:
             raise ValueError("the ONNX model takes input_ids (inputs_embeds cannot be fed to its embeddings segment)")
-        ids = self._ortvalue(input_ids)
-        shape = ids.shape()
-        mask = self._ortvalue(attention_mask if attention_mask is not None else np.ones(shape, dtype=np.int64))
-        types = self._ortvalue(token_type_ids if token_type_ids is not None else np.zeros(shape, dtype=np.int64))
+        ids = self._input(input_ids)
+        shape = ids.shape() if self.io_binding else ids.shape
+        mask = self._input(attention_mask if attention_mask is not None else np.ones(shape, dtype=np.int64))
+        types = self._input(token_type_ids if token_type_ids is not None else np.zeros(shape, dtype=np.int64))
         embeddings = self._embeddings
         state = embeddings.run({INPUT_IDS: ids, TOKEN_TYPE_IDS: types, ATTENTION_MASK: mask})
         return _OrtLayerPass(self, dict(zip(embeddings.output_names, state)))
@@ -210,7 +227,7 @@ class OnnxMultiExitModel:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.folder!r}, {self.manifest.model_type}, {self.num_exit_layers} layers, "
-                f"{self.device}, threads={self.threads})")
+                f"{self.device}, threads={self.threads}, io_binding={self.io_binding})")
 
 
 _SHARED_POOL: list[int] = []  # the size of this process's shared intra-op thread pool, once share_thread_pool made it
