@@ -871,8 +871,9 @@ def measure_ort_bs1(pair: ModelPair, regime: Regime, policies: list[ExitPolicy],
                     folder: Path, threads: int, providers: list[str] | None = None) -> dict:
     """(f): ONNX Runtime early exit at batch size 1 (the segments of ``folder``) against the stock model exported
     whole and run by ONNX Runtime, per setting of (a): wall speed-up ÷ layer speed-up; beside it the speed-up over
-    the segments run to full depth (budget(L)), and (no target) the segments at full depth driven through IO
-    bindings instead (the runtime's other driver, its default on CUDA only). ``providers``: ONNX Runtime's (default:
+    the segments run to full depth (budget(L)). Then, in a run of their own (a third copy of the weights in the
+    interleaving would slow the others' calls), the segments at full depth through the runtime's two drivers: the
+    default here and the other (IO bindings on the CPU, the default on CUDA). ``providers``: ONNX Runtime's (default:
     CPU)."""
     from multiexit.onnx import OnnxMultiExitModel
 
@@ -887,13 +888,18 @@ def measure_ort_bs1(pair: ModelPair, regime: Regime, policies: list[ExitPolicy],
     variants: dict[str, Callable[[int], object]] = {
         "ort stock full depth": lambda i: stock.run(None, feeds[i]),
         f"ort budget({num_layers})": lambda i: runtime.early_exit(**inputs[i], policy=full_depth),
-        f"ort budget({num_layers}), other driver": lambda i: other_driver.early_exit(**inputs[i], policy=full_depth),
     }
     for policy in policies:
         variants[policy.label()] = lambda i, p=policy: runtime.early_exit(**inputs[i], policy=p).exit_layers
     load_before = load_now()
     timings, results = interleaved(variants, len(inputs), args.repeats, torch.device("cpu"), warmup=2)
     stock_t, segments_t = timings["ort stock full depth"], timings[f"ort budget({num_layers})"]
+    chains = {"default": lambda i: runtime.early_exit(**inputs[i], policy=full_depth),
+              "other": lambda i: other_driver.early_exit(**inputs[i], policy=full_depth)}
+    if not runtime.io_binding:  # (a host chain: the CPU's)
+        bare = bare_segment_chain(folder / "segments", threads)
+        chains["bare"] = lambda i: bare(feeds[i])
+    drivers, _ = interleaved(chains, len(inputs), args.repeats, torch.device("cpu"), warmup=2)
     rows = []
     for policy in policies:
         avg = float(torch.cat(results[policy.label()]).float().mean())
@@ -912,9 +918,36 @@ def measure_ort_bs1(pair: ModelPair, regime: Regime, policies: list[ExitPolicy],
             "stock_s_per_example": stock_t.wall_s / len(inputs),
             "segments_full_depth_s_per_example": segments_t.wall_s / len(inputs),
             "io_binding": runtime.io_binding,
-            "segments_full_depth_other_driver_s_per_example":
-                timings[f"ort budget({num_layers}), other driver"].wall_s / len(inputs),
+            "drivers_s_per_example": {name: timing.wall_s / len(inputs) for name, timing in drivers.items()},
             "load_average": [load_before, load_now()], "rows": rows}
+
+
+def bare_segment_chain(folder: Path, threads: int) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    """The segments of an export run to full depth by ONNX Runtime's ``session.run`` alone, from its manifest: no
+    exit read, no decision, none of this package's runtime. What the chain of sessions itself costs."""
+    import onnxruntime as ort
+
+    from multiexit.onnx.export import EXIT_LOGITS, Manifest
+    from multiexit.onnx.runtime import make_session_options
+
+    manifest = Manifest.load(str(folder))
+    files = [manifest.embeddings]
+    for depth, segments in enumerate(manifest.depths):
+        if depth > 0 or not manifest.embeddings_run_first_layer:
+            files += [segments.layer] + ([segments.exit] if depth == len(manifest.depths) - 1 and segments.exit
+                                         else [])
+    sessions = [ort.InferenceSession(str(folder / name), make_session_options(ort, None, threads),
+                                     providers=["CPUExecutionProvider"]) for name in files]
+    names = [([value.name for value in session.get_inputs()], [value.name for value in session.get_outputs()])
+             for session in sessions]
+
+    def run(feed: dict[str, np.ndarray]) -> np.ndarray:
+        state = dict(feed)
+        for session, (inputs, outputs) in zip(sessions, names):
+            state.update(zip(outputs, session.run(outputs, {name: state[name] for name in inputs})))
+            state["hidden_states"] = state.pop("layer_output", state.get("hidden_states"))
+        return state[EXIT_LOGITS]
+    return run
 
 
 def export_for_ort(pair: ModelPair, folder: Path) -> Path:
@@ -1355,11 +1388,14 @@ def bs1_lines(block: dict) -> list[str]:
     return lines + [""]
 
 
-def other_driver_ms(block: dict) -> str:
-    """The (f) table's IO-binding column: the segments at full depth through IO bindings (blank where the block's
-    runtime already used them, as on CUDA)."""
-    other = block.get("segments_full_depth_other_driver_s_per_example")
-    return "" if other is None or block.get("io_binding") else ms(other)
+def drivers_cell(block: dict) -> str:
+    """The (f) table's drivers column: the segments at full depth through the default driver / IO bindings / bare
+    ``session.run`` calls, timed in a run of their own (blank where the default already is IO bindings, as on
+    CUDA)."""
+    drivers = block.get("drivers_s_per_example")
+    if drivers is None or block.get("io_binding"):
+        return ""
+    return " / ".join(ms(drivers[name]) for name in ("default", "other", "bare") if name in drivers)
 
 
 def onnx_lines(m: dict) -> list[str]:
@@ -1375,12 +1411,14 @@ def onnx_lines(m: dict) -> list[str]:
                   "L / avg exit; target ≥ 0.9. Beside it (no target) the same against the segments run to full depth "
                   "(budget(L)). With 2 threads the segments' sessions share one thread pool "
                   "(`multiexit.onnx.runtime.share_thread_pool`, in a process of its own), as the runner's do. The "
-                  "runtime feeds the segments numpy arrays on the CPU (`session.run`); the column \"IO binding\" "
-                  "(no target) times the segments at full depth through its other driver, IO bindings that keep "
-                  "the state as ORT values (`io_binding=True`, its default on CUDA).", "",
-                  "| model / inputs | threads | stock, ms/example | segments full depth | IO binding | policy | "
-                  "setting | avg exit | L/avg | wall speed-up | ratio | ratio (min of repeats) | ratio over segments "
-                  "| |",
+                  "runtime feeds the segments numpy arrays on the CPU (`session.run`); the column \"numpy / IO "
+                  "binding / bare\" (no target) times the segments at full depth through that driver, through its "
+                  "other, IO bindings that keep the state as ORT values (`io_binding=True`, its default on CUDA), "
+                  "and through bare `session.run` calls with none of this package's code (no exit read, no "
+                  "decision: what the chain of sessions itself costs), interleaved in a run of their own.", "",
+                  "| model / inputs | threads | stock, ms/example | segments full depth | numpy / IO binding / bare | "
+                  "policy | setting | avg exit | L/avg | wall speed-up | ratio | ratio (min of repeats) | ratio over "
+                  "segments | |",
                   "|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
         for block in f_blocks:
             provider = "" if block["provider"] == "CPUExecutionProvider" else f", {block['provider']}"
@@ -1388,7 +1426,7 @@ def onnx_lines(m: dict) -> list[str]:
                 lines.append(f"| {block['model']} / {block['regime']} ({block['mean_tokens']:.0f} tokens{provider}) | "
                              f"{block['threads']} | {ms(block['stock_s_per_example'])} | "
                              f"{ms(block['segments_full_depth_s_per_example'])} | "
-                             f"{other_driver_ms(block)} | {r['policy']} | `{r['setting']}` | "
+                             f"{drivers_cell(block)} | {r['policy']} | `{r['setting']}` | "
                              f"{r['avg_exit_layer']:.2f} | {r['layer_speedup']:.2f} | {r['wall_speedup']:.2f} | "
                              f"{r['ratio']:.3f} | {r['ratio_min']:.3f} | {r['ratio_over_segments']:.3f} | "
                              f"{verdict(r['pass'])} |")

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig
@@ -222,15 +223,17 @@ class LayerPass(Protocol):
     def layer(self, depth: int) -> None:
         """Run the layer at 0-indexed ``depth`` alone: its exit is not read."""
 
-    def layer_and_exit(self, depth: int) -> torch.Tensor:
+    def layer_and_exit(self, depth: int) -> torch.Tensor | np.ndarray:
         """Run the layer at ``depth`` and its exit; return the exit logits [rows, C] of the rows still running (for
-        :class:`ExitTracker`: host memory, or a device tensor that its one read per layer copies)."""
+        :class:`ExitTracker`: host memory, or a device tensor that its one read per layer copies; a numpy array is
+        host memory)."""
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (host indices into the running rows, in order): the others have left."""
 
 
-def run_layers(layer_pass: LayerPass, num_layers: int, tracker: ExitTracker | None = None) -> list[torch.Tensor]:
+def run_layers(layer_pass: LayerPass, num_layers: int,
+               tracker: ExitTracker | None = None) -> list[torch.Tensor | np.ndarray]:
     """The layer loop: every layer and its exit in turn. Without a ``tracker`` every layer runs on the whole batch
     and its exit logits are returned, layer by layer. With one, the tracker decides after each layer which rows exit;
     those leave the batch (``layer_pass.keep_rows``) and the loop stops when none is left. Below the tracker's first

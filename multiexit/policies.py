@@ -1073,7 +1073,8 @@ def make_policy(name: str, **params: object) -> ExitPolicy:
 class ExitTracker:
     """Applies ``policy`` layer by layer to a batch whose exited rows leave it.
 
-    Call :meth:`update` once per layer with the logits of the rows still running (in the order of ``active``). It
+    Call :meth:`update` once per layer with the logits of the rows still running (in the order of ``active``: a
+    tensor, or a numpy array, which is host memory; ONNX Runtime's pass gives those). It
     returns the bool mask of rows that keep running, or ``None`` when no row exited (so the caller skips the
     compaction). When :attr:`done`, :attr:`exit_layer` (1-indexed, per original row) and :attr:`answer` hold the
     results.
@@ -1105,7 +1106,7 @@ class ExitTracker:
     def done(self) -> bool:
         return self._running == 0
 
-    def update(self, logits: torch.Tensor, layer: int) -> torch.Tensor | None:
+    def update(self, logits: torch.Tensor | np.ndarray, layer: int) -> torch.Tensor | None:
         if self.one_row:  # here, not in a method of its own: batch size 1 pays every call right after a layer
             # the exit logits [1, C] as Python floats: the one device-to-host transfer (and synchronisation) of the
             # layer
@@ -1115,8 +1116,12 @@ class ExitTracker:
             exits, self.state = self.policy.step(RowOps, self.state, row, layer)
             if not (exits or layer >= self.num_layers):
                 return None
-            self.exit_layer = torch.full((1,), layer, dtype=torch.long)  # half torch.tensor([layer])'s time
-            self.answer = torch.tensor([self.policy.answer(RowOps, self.state, row, exits)], dtype=torch.float32)
+            # made by numpy and wrapped: right after a layer's run (cold caches) torch.from_numpy costs about half of
+            # torch.full / torch.tensor, and batch size 1 pays this per input (the same values: both round the
+            # Python floats to float32 to nearest)
+            self.exit_layer = torch.from_numpy(np.array([layer], dtype=np.int64))
+            self.answer = torch.from_numpy(np.array([self.policy.answer(RowOps, self.state, row, exits)],
+                                                    dtype=np.float32))
             self.active = _NO_ROWS
             self._running = 0
             return _NO_ROW_LEFT
@@ -1125,7 +1130,9 @@ class ExitTracker:
     def _update_batch(self, logits: torch.Tensor, layer: int) -> torch.Tensor | None:
         # This runs after every layer, so it is kept to few tensor operations: one copy to the host, one host read
         # of the number of exits, and no compaction when nobody or everybody leaves.
-        if logits.requires_grad or not logits.is_cpu:
+        if isinstance(logits, np.ndarray):
+            logits = torch.from_numpy(logits)
+        elif logits.requires_grad or not logits.is_cpu:
             logits = logits.detach().cpu()
         if self.state is None:
             self.state = self.policy.init_state(TensorOps, logits.shape[0], logits.shape[-1])

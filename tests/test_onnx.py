@@ -119,8 +119,11 @@ def test_every_exit_agrees_with_torch_on_padded_batches(tmp_path_factory: pytest
     if model_type == "albert":  # two layer groups, each exported once and run at three depths; an exit per depth
         assert sorted({d.layer for d in manifest.depths}) == ["layer_group_0.onnx", "layer_group_1.onnx"]
         assert [d.exit for d in manifest.depths] == [f"exit_{depth}.onnx" for depth in range(NUM_LAYERS)]
-    else:  # each layer with its exit, one session run per layer
-        assert [(d.layer, d.exit) for d in manifest.depths] == [(f"layer_{d}.onnx", None) for d in range(NUM_LAYERS)]
+        assert manifest.embeddings == "embeddings.onnx" and not manifest.embeddings_run_first_layer
+    else:  # each layer with its exit, one session run per layer; the first layer's is the embeddings' run
+        assert manifest.embeddings == "embeddings_layer_0.onnx" and manifest.embeddings_run_first_layer
+        assert [(d.layer, d.exit) for d in manifest.depths] == [(manifest.embeddings, None)] + [
+            (f"layer_{d}.onnx", None) for d in range(1, NUM_LAYERS)]
 
 
 # every head on every model type, except RoBERTa's pooled heads: RoBERTa has no pretrained pooler for them
@@ -240,8 +243,7 @@ def test_the_folder_describes_itself(tmp_path: Path) -> None:
     assert manifest["exit_pooling"] == "mean" and manifest["exit_head_type"] == "linear"
     assert manifest["opset"] == 17 and manifest["exporter"] == "torchscript" and manifest["int8"] is False
     assert manifest["source_fingerprint"] == fingerprint(model)
-    for name in ("config.json", "tokenizer.json", "embeddings.onnx", "layer_0.onnx", "layer_1.onnx",
-                 "select_rows.onnx"):
+    for name in ("config.json", "tokenizer.json", "embeddings_layer_0.onnx", "layer_1.onnx", "select_rows.onnx"):
         assert (Path(folder) / name).is_file(), name
     runtime = OnnxMultiExitModel.from_pretrained(folder)
     assert runtime.config.id2label == {0: "neg", 1: "neutral", 2: "pos"}
@@ -268,30 +270,35 @@ def test_a_matching_export_is_reused_and_another_replaced(tmp_path: Path, monkey
 
 
 def test_a_version_1_export_still_runs_and_is_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Version 1 exports passed the boolean layer mask to every layer segment; this runtime still runs them (with the
-    torch model's answers), and find_or_export replaces one with a current export."""
+    """Version 1 exports passed the boolean layer mask to every layer segment and ran the embeddings alone; this
+    runtime still runs them (with the torch model's answers), and find_or_export replaces one with a current
+    export."""
+    import onnx
+
     import multiexit.onnx.export as export_module
+
+    def mask_type(folder: Path) -> int:
+        embeddings = onnx.load(str(folder / Manifest.load(str(folder)).embeddings))
+        return next(value for value in embeddings.graph.output if value.name == "layer_mask").type.tensor_type.elem_type
 
     model = tiny_model("bert", layers=2, **{k: v for k, v in SETTINGS.items() if k != "layers"}).eval()
     folder = tmp_path / "export"
-    with monkeypatch.context() as patch:  # the version 1 segments: the mask left boolean
+    with monkeypatch.context() as patch:  # version 1's segments: the mask left boolean, the embeddings alone
         patch.setattr(export_module, "additive_mask", lambda mask, dtype: mask)
+        patch.setattr(export_module, "_first_layer_with_embeddings", lambda depths: False)
         export_onnx(model, str(folder), progress=False)
-    import onnx
-
-    masks = [value for value in onnx.load(str(folder / "embeddings.onnx")).graph.output if value.name == "layer_mask"]
-    assert masks[0].type.tensor_type.elem_type == onnx.TensorProto.BOOL
+    assert mask_type(folder) == onnx.TensorProto.BOOL
     manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    del manifest["embeddings_run_first_layer"]
     (folder / MANIFEST_FILE).write_text(json.dumps({**manifest, "format_version": 1}))
     runtime = OnnxMultiExitModel.from_pretrained(folder, threads=1)
-    assert runtime.manifest.format_version == 1
+    assert runtime.manifest.format_version == 1 and runtime.manifest.embeddings == "embeddings.onnx"
     batch = padded_batch(model.config)
     with torch.no_grad():
         assert_agree(runtime(**batch).all_logits, model(**batch).all_logits)
     find_or_export(model, str(folder), progress=False)
     assert Manifest.load(str(folder)).format_version == FORMAT_VERSION
-    masks = [value for value in onnx.load(str(folder / "embeddings.onnx")).graph.output if value.name == "layer_mask"]
-    assert masks[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert mask_type(folder) == onnx.TensorProto.FLOAT
 
 
 def test_fingerprint_follows_the_weights_and_the_config() -> None:
@@ -317,7 +324,7 @@ def test_the_command_exports_a_checkpoint(tmp_path: Path) -> None:
     assert cli(["export", str(checkpoint), str(tmp_path / "int8"), "--int8"]) == 0
     quantized = OnnxMultiExitModel.from_pretrained(tmp_path / "int8")
     assert quantized.manifest.int8 and "MatMulInteger" in {node.op_type for node in onnx.load(
-        str(tmp_path / "int8" / "layer_0.onnx")).graph.node}
+        str(tmp_path / "int8" / "layer_1.onnx")).graph.node}
     ids = torch.randint(5, 100, (2, 7))
     assert quantized(ids).all_logits.shape == runtime(ids).all_logits.shape == (2, 2, 2)
     stock = make_tiny_model(tmp_path / "stock", layers=2, multi_exit=False)

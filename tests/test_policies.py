@@ -670,14 +670,16 @@ def policy_and_logits(draw) -> tuple:
     return policy, layer_logits
 
 
-def online_one_by_one(policy, layer_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What real early exit at batch size 1 does: one tracker per example, fed layer by layer until done."""
+def online_one_by_one(policy, layer_logits: torch.Tensor, host_arrays: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What real early exit at batch size 1 does: one tracker per example, fed layer by layer until done
+    (``host_arrays``: numpy arrays, as ONNX Runtime's pass feeds it)."""
     layers, answers = [], []
     num_layers = layer_logits.shape[1]
     for row in layer_logits:
         tracker = ExitTracker(policy, 1, num_layers)
         for depth in range(num_layers):
-            tracker.update(row[None, depth], depth + 1)
+            tracker.update(row[None, depth].numpy() if host_arrays else row[None, depth], depth + 1)
             if tracker.done:
                 break
         assert tracker.done
@@ -686,13 +688,15 @@ def online_one_by_one(policy, layer_logits: torch.Tensor) -> tuple[torch.Tensor,
     return torch.stack(layers), torch.stack(answers)
 
 
-def batched_like_the_model(policy, layer_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the model's loop does: the running batch is compacted with the mask that update() returns."""
+def batched_like_the_model(policy, layer_logits: torch.Tensor, host_arrays: bool = False
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the model's loop does: the running batch is compacted with the mask that update() returns
+    (``host_arrays``: the logits fed as numpy arrays, as ONNX Runtime's pass feeds them)."""
     num_layers = layer_logits.shape[1]
     tracker = ExitTracker(policy, layer_logits.shape[0], num_layers)
     running = layer_logits
     for depth in range(num_layers):
-        keep = tracker.update(running[:, depth], depth + 1)
+        keep = tracker.update(running[:, depth].numpy() if host_arrays else running[:, depth], depth + 1)
         if tracker.done:
             break
         if keep is not None:
@@ -780,6 +784,9 @@ def test_online_equals_replay(case) -> None:
     batched_layers, batched_answers = batched_like_the_model(policy, layer_logits)
     assert torch.equal(batched_layers, replayed.exit_layer)
     assert torch.equal(batched_answers, replayed.answer)
+    for run in (online_one_by_one, batched_like_the_model):  # fed numpy arrays (ONNX Runtime): the same, bit for bit
+        layers, answers = run(policy, layer_logits, host_arrays=True)
+        assert torch.equal(layers, replayed.exit_layer) and torch.equal(answers, replayed.answer)
 
 
 @settings(max_examples=50, deadline=None)

@@ -6,8 +6,11 @@ makes it): ``hidden_states`` [batch, tokens, hidden], ``layer_mask`` (the layers
 exits, ``token_weights`` and ``token_count`` (:meth:`MultiExitMixin._token_weights`). The folder
 :func:`export_onnx` writes:
 
-* ``embeddings.onnx``: ``input_ids``, ``token_type_ids``, ``attention_mask`` [batch, tokens] -> the state (ALBERT's
-  embeddings include ``embedding_hidden_mapping_in``);
+* the embeddings: ``input_ids``, ``token_type_ids``, ``attention_mask`` [batch, tokens] -> the state (ALBERT's
+  embeddings include ``embedding_hidden_mapping_in``). Where the first layer runs at depth 1 only (BERT, RoBERTa)
+  the same segment runs it and its exit too, ``embeddings_layer_0.onnx``: the state after layer 1 and its
+  ``exit_logits`` (every input runs layer 1, so a session run apart from it would only add its own overhead); else
+  ``embeddings.onnx``;
 * per depth, the layer and its exit head: ``layer_<d>.onnx``: the state -> ``layer_output`` (the next
   ``hidden_states``) and ``exit_logits`` [batch, num_labels]. A layer module that runs at several depths (ALBERT's
   shared layer groups) is exported once, alone (``layer_group_<g>.onnx`` -> ``layer_output``), and each depth's exit
@@ -46,14 +49,16 @@ from multiexit.onnx import require
 logger = logging.getLogger(__name__)
 
 FORMAT = "multiexit-onnx-segments"
-# 2: the layer mask is additive (version 1's boolean mask costs every layer segment a Where). This code runs both;
-# find_or_export replaces a version 1 export
+# 2: the layer mask is additive (version 1's boolean mask cost every layer segment a Where), and the embeddings
+# segment runs the first layer where that layer runs at depth 1 only. This code runs both; find_or_export replaces a
+# version 1 export
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 MANIFEST_FILE = "onnx_manifest.json"
 OPSET = 17  # the TorchScript exporter's LayerNormalization (opset 17) is one node, which ONNX Runtime runs fused
 EXPORTER = "torchscript"
 EMBEDDINGS_FILE = "embeddings.onnx"
+EMBEDDINGS_AND_FIRST_LAYER_FILE = "embeddings_layer_0.onnx"
 SELECT_ROWS_FILE = "select_rows.onnx"
 # tensor names shared by the export and the runtime: the model's inputs; the state of a pass (the running rows'
 # hidden states, the layers' attention mask and mean-pooling exits' token weights and count: what the torch model's
@@ -81,7 +86,9 @@ class DepthSegments:
 
 @dataclass
 class Manifest:
-    """``onnx_manifest.json``: everything a loader needs besides the ONNX files, the config and the tokenizer."""
+    """``onnx_manifest.json``: everything a loader needs besides the ONNX files, the config and the tokenizer. Where
+    ``embeddings_run_first_layer``, the ``embeddings`` segment (also ``depths[0].layer``) gives the state after the
+    first layer, and that layer's ``exit_logits`` last."""
 
     model_type: str
     num_layers: int
@@ -101,6 +108,7 @@ class Manifest:
     versions: dict[str, str] = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
+    embeddings_run_first_layer: bool = False
 
     def save(self, folder: str) -> None:
         atomic_write_text(os.path.join(folder, MANIFEST_FILE), json.dumps(asdict(self), indent=1) + "\n")
@@ -152,19 +160,24 @@ def additive_mask(layer_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 class _Embeddings(nn.Module):
     """The embeddings, and what every layer and exit then takes from the [batch, tokens] attention mask, made once as
-    the torch model's ``_prepare`` makes it: the layers' attention mask, and mean-pooling exits' token weights."""
+    the torch model's ``_prepare`` makes it: the layers' attention mask, and mean-pooling exits' token weights. With
+    ``first_layer``, the first layer and its exit too: the state after it, and its exit logits last."""
 
-    def __init__(self, model: MultiExitMixin) -> None:
+    def __init__(self, model: MultiExitMixin, first_layer: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.first_layer = _Segment(model, 0, layer=True, exit=True) if first_layer else None
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, attention_mask: torch.Tensor
                 ) -> tuple[torch.Tensor, ...]:
         hidden_states = self.model._embed(input_ids, token_type_ids, None, None)
         layer_mask = additive_mask(self.model._layer_mask(hidden_states, attention_mask), hidden_states.dtype)
-        outputs = (hidden_states, layer_mask)
         weights = self.model._token_weights(hidden_states, attention_mask)
-        return outputs if weights is None else (*outputs, weights.weights, weights.count)
+        state = (hidden_states, layer_mask) + (() if weights is None else (weights.weights, weights.count))
+        if self.first_layer is None:
+            return state
+        hidden_states, logits = self.first_layer(*state)
+        return (hidden_states, *state[1:], logits)
 
 
 class _Segment(nn.Module):
@@ -210,7 +223,8 @@ def _select_rows_model(embeddings_path: str, opset: int):  # noqa: ANN202 - an o
     import onnx
     from onnx import TensorProto, helper
 
-    state = list(onnx.load(embeddings_path, load_external_data=False).graph.output)
+    state = [value for value in onnx.load(embeddings_path, load_external_data=False).graph.output
+             if value.name != EXIT_LOGITS]
     kept = [helper.make_tensor_value_info(value.name, value.type.tensor_type.elem_type,
                                           ["kept"] + [dim.dim_param or dim.dim_value
                                                       for dim in value.type.tensor_type.shape.dim[1:]])
@@ -260,6 +274,13 @@ def depth_segments(model: MultiExitMixin) -> tuple[list[DepthSegments], dict[int
     return depths, runs_at
 
 
+def _first_layer_with_embeddings(depths: list[DepthSegments]) -> bool:
+    """Whether the embeddings segment runs the first layer and its exit too: where that layer runs at depth 1 only
+    (its own segment, the exit in it). Every input runs it, so a session run of its own would only add its
+    overhead."""
+    return depths[0].exit is None
+
+
 def export_onnx(model: MultiExitMixin, output_dir: str, tokenizer: object = None, *, int8: bool = False,
                 opset: int = OPSET, check: bool = True, progress: bool = True) -> str:
     """Write ``model`` (a multi-exit model; its weights are not changed) as ONNX segments into ``output_dir``, with its
@@ -286,20 +307,25 @@ def export_onnx(model: MultiExitMixin, output_dir: str, tokenizer: object = None
     model.eval()
     config = model.config
     depths, runs_at = depth_segments(model)
+    first_layer = _first_layer_with_embeddings(depths)
+    embeddings_file = EMBEDDINGS_AND_FIRST_LAYER_FILE if first_layer else EMBEDDINGS_FILE
+    if first_layer:
+        depths[0] = DepthSegments(embeddings_file)
     example = _example_inputs(config, 2, 8)
     try:
         with torch.no_grad(), atomic_directory(output_dir) as folder:
-            steps = 2 + len(runs_at) + sum(1 for depth in depths if depth.exit is not None)
+            steps = 1 + len(runs_at) + sum(1 for depth in depths if depth.exit is not None) + (not first_layer)
             bar = tqdm(total=steps, desc="onnx export", disable=not progress, leave=False)
             state = [HIDDEN_STATES, LAYER_MASK] + ([TOKEN_WEIGHTS, TOKEN_COUNT] if config.exit_pooling == "mean"
                                                    else [])
-            embeddings_path = os.path.join(folder, EMBEDDINGS_FILE)
+            embeddings_path = os.path.join(folder, embeddings_file)
             model_inputs = (example["input_ids"], example["token_type_ids"], example["attention_mask"])
-            export_module(_Embeddings(model), model_inputs, embeddings_path,
-                          [INPUT_IDS, TOKEN_TYPE_IDS, ATTENTION_MASK], state, opset)
+            export_module(_Embeddings(model, first_layer), model_inputs, embeddings_path,
+                          [INPUT_IDS, TOKEN_TYPE_IDS, ATTENTION_MASK], state + ([EXIT_LOGITS] if first_layer else []),
+                          opset)
             bar.update()
-            inputs = _Embeddings(model)(*model_inputs)
-            exported: set[str] = set()
+            inputs = _Embeddings(model)(*model_inputs)  # the state that the layer segments are traced on
+            exported = {embeddings_file}
             for depth, segments in enumerate(depths):
                 if segments.layer not in exported:
                     fused = segments.exit is None
@@ -318,7 +344,7 @@ def export_onnx(model: MultiExitMixin, output_dir: str, tokenizer: object = None
             bar.update()
             bar.close()
             if int8:
-                quantize_segments(folder, [EMBEDDINGS_FILE, *sorted(exported)])
+                quantize_segments(folder, sorted(exported))
             config.save_pretrained(folder)
             if tokenizer is not None:
                 tokenizer.save_pretrained(folder)
@@ -327,8 +353,9 @@ def export_onnx(model: MultiExitMixin, output_dir: str, tokenizer: object = None
                 id2label={str(key): value for key, value in config.id2label.items()},
                 task=getattr(config, "finetuning_task", None), exit_pooling=config.exit_pooling,
                 exit_head_type=config.exit_head_type, pad_token_id=getattr(config, "pad_token_id", None) or 0,
-                embeddings=EMBEDDINGS_FILE, select_rows=SELECT_ROWS_FILE, depths=depths,
+                embeddings=embeddings_file, select_rows=SELECT_ROWS_FILE, depths=depths,
                 source_fingerprint=fingerprint(model), int8=int8, opset=opset, versions=_versions(),
+                embeddings_run_first_layer=first_layer,
             )
             if check and not int8:
                 check_agreement(model, folder, manifest)

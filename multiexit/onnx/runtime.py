@@ -75,21 +75,30 @@ class _OrtLayerPass:
     """One batch's pass through the segments (:class:`multiexit.modeling.LayerPass`): the running rows' state
     (hidden states, layer mask, token weights) by name: numpy arrays, or ORT values with an IO binding."""
 
-    __slots__ = ("depths", "select_rows", "state")
+    __slots__ = ("depths", "select_rows", "state", "first_logits")
 
-    def __init__(self, model: OnnxMultiExitModel, state: dict[str, object]) -> None:
+    def __init__(self, model: OnnxMultiExitModel, state: dict[str, object], first_logits: object = None) -> None:
+        """``first_logits``: the first exit's, where the embeddings segment ran the first layer (``state`` is then
+        the state after it)."""
         self.depths, self.select_rows, self.state = model._depths, model._select_rows, state
+        self.first_logits = first_logits
 
     def layer(self, depth: int) -> None:
+        if depth == 0 and self.first_logits is not None:
+            return  # the embeddings segment ran it
         self.state[HIDDEN_STATES] = self.depths[depth].layer.run(self.state)[0]
 
-    def layer_and_exit(self, depth: int) -> torch.Tensor:
-        sessions, state = self.depths[depth], self.state
-        outputs = sessions.layer.run(state)
-        state[HIDDEN_STATES] = outputs[0]
-        logits = outputs[1] if sessions.exit is None else sessions.exit.run(state)[0]
-        # host memory either way: a view, and the tracker's tolist() is the one read
-        return torch.from_numpy(logits if isinstance(logits, np.ndarray) else logits.numpy())
+    def layer_and_exit(self, depth: int) -> np.ndarray:
+        if depth == 0 and self.first_logits is not None:
+            logits = self.first_logits
+        else:
+            sessions, state = self.depths[depth], self.state
+            outputs = sessions.layer.run(state)
+            state[HIDDEN_STATES] = outputs[0]
+            logits = outputs[1] if sessions.exit is None else sessions.exit.run(state)[0]
+        # host memory either way, numpy (no torch tensor made per layer: at batch size 1 each torch call after a
+        # segment's run costs far more than its warm time); the tracker's tolist() is the one read
+        return logits if isinstance(logits, np.ndarray) else logits.numpy()
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         from onnxruntime import OrtValue
@@ -179,7 +188,10 @@ class OnnxMultiExitModel:
         provider's device with an IO binding."""
         from onnxruntime import OrtValue
 
-        array = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+        if isinstance(values, torch.Tensor):  # one call where it can (see layer_and_exit)
+            array = values.numpy() if values.is_cpu and not values.requires_grad else values.detach().cpu().numpy()
+        else:
+            array = np.asarray(values)
         array = np.ascontiguousarray(array, dtype=np.int64)
         if array.ndim != 2:
             raise ValueError(f"expected [batch, tokens] inputs, got shape {array.shape}")
@@ -187,7 +199,8 @@ class OnnxMultiExitModel:
 
     def _start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                token_type_ids: torch.Tensor | None) -> _OrtLayerPass:
-        """Run the embeddings: the pass that the layers then continue."""
+        """Run the embeddings (and the first layer, where the export put it in the same segment): the pass that the
+        layers then continue."""
         if input_ids is None:
             raise ValueError("the ONNX model takes input_ids (inputs_embeds cannot be fed to its embeddings segment)")
         ids = self._input(input_ids)
@@ -195,8 +208,9 @@ class OnnxMultiExitModel:
         mask = self._input(attention_mask if attention_mask is not None else np.ones(shape, dtype=np.int64))
         types = self._input(token_type_ids if token_type_ids is not None else np.zeros(shape, dtype=np.int64))
         embeddings = self._embeddings
-        state = embeddings.run({INPUT_IDS: ids, TOKEN_TYPE_IDS: types, ATTENTION_MASK: mask})
-        return _OrtLayerPass(self, dict(zip(embeddings.output_names, state)))
+        state = dict(zip(embeddings.output_names, embeddings.run({INPUT_IDS: ids, TOKEN_TYPE_IDS: types,
+                                                                 ATTENTION_MASK: mask})))
+        return _OrtLayerPass(self, state, state.pop(EXIT_LOGITS, None))
 
     # ---- the two ways to run it -------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -206,7 +220,7 @@ class OnnxMultiExitModel:
         if unused:
             raise ValueError(f"the ONNX model takes input_ids, attention_mask and token_type_ids; got {sorted(unused)}")
         layer_logits = run_layers(self._start(input_ids, attention_mask, token_type_ids), self.num_exit_layers)
-        all_logits = torch.stack(layer_logits)  # (a copy: each layer's logits were views of ORT's memory)
+        all_logits = torch.from_numpy(np.stack(layer_logits))
         return MultiExitOutput(logits=all_logits[-1], all_logits=all_logits)
 
     __call__ = forward
