@@ -887,15 +887,15 @@ def measure_ort_bs1(pair: ModelPair, regime: Regime, policies: list[ExitPolicy],
     full_depth = BudgetExit(layer=num_layers)
     variants: dict[str, Callable[[int], object]] = {
         "ort stock full depth": lambda i: stock.run(None, feeds[i]),
-        f"ort budget({num_layers})": lambda i: runtime.early_exit(**inputs[i], policy=full_depth),
+        f"ort budget({num_layers})": lambda i: runtime.early_exit(**feeds[i], policy=full_depth),
     }
     for policy in policies:
-        variants[policy.label()] = lambda i, p=policy: runtime.early_exit(**inputs[i], policy=p).exit_layers
+        variants[policy.label()] = lambda i, p=policy: runtime.early_exit(**feeds[i], policy=p).exit_layers
     load_before = load_now()
     timings, results = interleaved(variants, len(inputs), args.repeats, torch.device("cpu"), warmup=2)
     stock_t, segments_t = timings["ort stock full depth"], timings[f"ort budget({num_layers})"]
-    chains = {"default": lambda i: runtime.early_exit(**inputs[i], policy=full_depth),
-              "other": lambda i: other_driver.early_exit(**inputs[i], policy=full_depth)}
+    chains = {"default": lambda i: runtime.early_exit(**feeds[i], policy=full_depth),
+              "other": lambda i: other_driver.early_exit(**feeds[i], policy=full_depth)}
     if not runtime.io_binding:  # (a host chain: the CPU's)
         bare = bare_segment_chain(folder / "segments", threads)
         chains["bare"] = lambda i: bare(feeds[i])
@@ -1049,9 +1049,9 @@ def fastest_path_block(args: argparse.Namespace, threads: int, model: torch.nn.M
     def stock_ort(name: str) -> Callable[[int], tuple[torch.Tensor, float]]:
         return lambda i: (torch.from_numpy(sessions[name].run(None, feeds[i])[0]), layers)
 
-    def early(run: Callable, policy: ExitPolicy) -> Callable[[int], tuple[torch.Tensor, float]]:
+    def early(run: Callable, policy: ExitPolicy, given: list[dict]) -> Callable[[int], tuple[torch.Tensor, float]]:
         def call(i: int) -> tuple[torch.Tensor, float]:
-            output = run(**inputs[i], policy=policy)
+            output = run(**given[i], policy=policy)
             return output.logits, float(output.exit_layers[0])
         return call
 
@@ -1064,10 +1064,10 @@ def fastest_path_block(args: argparse.Namespace, threads: int, model: torch.nn.M
     if compiled is None:
         del variants["torch.compile, stock"]
     for label, policy in settings.items():
-        variants[f"torch early exit, {label}"] = (label, early(model.early_exit, policy))
-        variants[f"ONNX Runtime early exit, {label}"] = (label, early(runtimes["segments"].early_exit, policy))
+        variants[f"torch early exit, {label}"] = (label, early(model.early_exit, policy, inputs))
+        variants[f"ONNX Runtime early exit, {label}"] = (label, early(runtimes["segments"].early_exit, policy, feeds))
         variants[f"ONNX Runtime int8 early exit, {label}"] = (label, early(runtimes["segments-int8"].early_exit,
-                                                                            policy))
+                                                                            policy, feeds))
     load_before, blocked = load_now(), threads > 1
     timings, outputs = interleaved({name: run for name, (_, run) in variants.items()}, len(inputs), args.repeats,
                                    torch.device("cpu"), warmup=3, blocked=blocked)
@@ -1404,10 +1404,11 @@ def onnx_lines(m: dict) -> list[str]:
     f_blocks = m.get("f", []) + (m.get("cuda") or {}).get("f", [])
     if f_blocks:
         lines += ["", "## (f) Early exit on ONNX Runtime", "",
-                  "The multi-exit model exported as segments (`python -m multiexit.onnx export`: the embeddings, then "
-                  "each layer with its exit head) and run by `OnnxMultiExitModel.early_exit` at batch size 1, against "
-                  "the stock model exported whole (`torch.onnx.export`, one ONNX Runtime session, every graph "
-                  "optimisation) at full depth, interleaved per example; the settings of (a). Ratio: wall speed-up ÷ "
+                  "The multi-exit model exported as segments (`python -m multiexit.onnx export`: each layer with its "
+                  "exit head, the first with the embeddings) and run by `OnnxMultiExitModel.early_exit` at batch size "
+                  "1, against the stock model exported whole (`torch.onnx.export`, one ONNX Runtime session, every "
+                  "graph optimisation) at full depth, interleaved per example; the settings of (a). Both take the "
+                  "tokenizer's numpy arrays (`return_tensors=\"np\"`), as ONNX Runtime does. Ratio: wall speed-up ÷ "
                   "L / avg exit; target ≥ 0.9. Beside it (no target) the same against the segments run to full depth "
                   "(budget(L)). With 2 threads the segments' sessions share one thread pool "
                   "(`multiexit.onnx.runtime.share_thread_pool`, in a process of its own), as the runner's do. The "
@@ -1438,7 +1439,8 @@ def onnx_lines(m: dict) -> list[str]:
                      "repeat to repeat; a pool's workers keep spinning after a call and would take the next path's "
                      "cores if the paths alternated per document)" if block.get("blocked")
                      else "every path interleaved per document")
-                  + f", {block['threads']} thread(s) for torch and ONNX Runtime alike. Stock: "
+                  + f", {block['threads']} thread(s) for torch and ONNX Runtime alike; torch paths take torch tensors, "
+                  "ONNX Runtime paths numpy arrays (`return_tensors=\"np\"`). Stock: "
                   "the encoder with all its layers and the final exit's head. Speed-up: ONNX Runtime stock's time ÷ "
                   "the path's (one run). Target: ONNX Runtime early exit the fastest fp32 path to its setting's "
                   "accuracy, at ≥ 1.8× ONNX Runtime stock. "

@@ -202,6 +202,19 @@ def test_early_exit_equals_replay_of_its_own_logits(tmp_path_factory: pytest.Tem
     assert len(exit_layers_seen) >= 3  # the settings spread the exits over the layers
 
 
+def test_numpy_inputs_answer_as_torch_inputs(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The tokenizer's numpy arrays (``return_tensors="np"``, what ONNX Runtime takes) give the answers of torch
+    tensors, padded batch and single rows, every exit and early exit."""
+    model, runtime = exported(tmp_path_factory, "bert", "mean")
+    batch = padded_batch(model.config)
+    arrays = {key: value.numpy() for key, value in batch.items()}
+    assert torch.equal(runtime(**arrays).all_logits, runtime(**batch).all_logits)
+    for policy in (PatienceExit(patience=1), BudgetExit(layer=3)):
+        for given, alone in ((arrays, batch), ({k: v[:1] for k, v in arrays.items()}, row(batch, 0))):
+            found, expected = runtime.early_exit(**given, policy=policy), runtime.early_exit(**alone, policy=policy)
+            assert torch.equal(found.exit_layers, expected.exit_layers) and torch.equal(found.logits, expected.logits)
+
+
 def test_one_read_of_the_exit_logits_per_layer(tmp_path_factory: pytest.TempPathFactory,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """With IO bindings (the CUDA driver, here on the CPU) the host reads each read layer's exit logits once at batch
