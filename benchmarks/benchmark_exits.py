@@ -927,7 +927,7 @@ def bare_segment_chain(folder: Path, threads: int) -> Callable[[dict[str, np.nda
     exit read, no decision, none of this package's runtime. What the chain of sessions itself costs."""
     import onnxruntime as ort
 
-    from multiexit.onnx.export import EXIT_LOGITS, Manifest
+    from multiexit.onnx.export import EXIT_LOGITS, HIDDEN_STATES, LAYER_OUTPUT, Manifest
     from multiexit.onnx.runtime import make_session_options
 
     manifest = Manifest.load(str(folder))
@@ -945,7 +945,7 @@ def bare_segment_chain(folder: Path, threads: int) -> Callable[[dict[str, np.nda
         state = dict(feed)
         for session, (inputs, outputs) in zip(sessions, names):
             state.update(zip(outputs, session.run(outputs, {name: state[name] for name in inputs})))
-            state["hidden_states"] = state.pop("layer_output", state.get("hidden_states"))
+            state[HIDDEN_STATES] = state.pop(LAYER_OUTPUT, state.get(HIDDEN_STATES))
         return state[EXIT_LOGITS]
     return run
 

@@ -1116,7 +1116,7 @@ class ExitTracker:
             exits, self.state = self.policy.step(RowOps, self.state, row, layer)
             if not (exits or layer >= self.num_layers):
                 return None
-            # made by numpy and wrapped: right after a layer's run (cold caches) torch.from_numpy costs about half of
+            # made by numpy and wrapped: right after a layer's run (cold caches) torch.from_numpy costs less than
             # torch.full / torch.tensor, and batch size 1 pays this per input (the same values: both round the
             # Python floats to float32 to nearest)
             self.exit_layer = torch.from_numpy(np.array([layer], dtype=np.int64))
@@ -1127,7 +1127,7 @@ class ExitTracker:
             return _NO_ROW_LEFT
         return self._update_batch(logits, layer)
 
-    def _update_batch(self, logits: torch.Tensor, layer: int) -> torch.Tensor | None:
+    def _update_batch(self, logits: torch.Tensor | np.ndarray, layer: int) -> torch.Tensor | None:
         # This runs after every layer, so it is kept to few tensor operations: one copy to the host, one host read
         # of the number of exits, and no compaction when nobody or everybody leaves.
         if isinstance(logits, np.ndarray):

@@ -101,13 +101,13 @@ class _OrtLayerPass:
         return logits if isinstance(logits, np.ndarray) else logits.numpy()
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        from onnxruntime import OrtValue
-
         select = self.select_rows
         if select.binding is None:  # the state is on the host: numpy takes the rows
             index = rows.numpy()
             self.state = {name: value[index] for name, value in self.state.items()}
             return
+        from onnxruntime import OrtValue
+
         inputs = {f"{name}_in": value for name, value in self.state.items()}
         inputs[ROWS] = OrtValue.ortvalue_from_numpy(rows.numpy())
         self.state = dict(zip(select.output_names, select.run(inputs)))
