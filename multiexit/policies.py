@@ -1083,10 +1083,15 @@ class ExitTracker:
     device-to-host transfer (and the one synchronisation) per layer of early exit. A batch of one row is decided on
     Python floats (:class:`RowOps`): one ``tolist()`` and a few float operations. A larger batch is decided
     on CPU tensors (:class:`TensorOps`), row by row in effect. Both run the policy's one rule, with the same numbers.
+
+    ``numpy``: a one-row tracker's results are numpy arrays instead of torch tensors (same values), for a caller that
+    answers in numpy (ONNX Runtime given numpy inputs), so that its call makes no torch tensor; a batch's stay torch
+    tensors.
     """
 
-    def __init__(self, policy: ExitPolicy, batch_size: int, num_layers: int) -> None:
+    def __init__(self, policy: ExitPolicy, batch_size: int, num_layers: int, numpy: bool = False) -> None:
         self.policy = policy
+        self.numpy = numpy
         self.num_layers = num_layers
         # the loop runs layers below this one without their exit heads and does not call update() there
         self.first_read_layer = min(policy.first_read_layer(), num_layers)
@@ -1098,7 +1103,7 @@ class ExitTracker:
         else:
             self.active = torch.arange(batch_size)
             self.exit_layer = torch.zeros(batch_size, dtype=torch.long)
-        self.answer: torch.Tensor | None = None
+        self.answer: torch.Tensor | np.ndarray | None = None
         self.state: State | None = None
         self._running = batch_size
 
@@ -1116,12 +1121,15 @@ class ExitTracker:
             exits, self.state = self.policy.step(RowOps, self.state, row, layer)
             if not (exits or layer >= self.num_layers):
                 return None
-            # made by numpy and wrapped: right after a layer's run (cold caches) torch.from_numpy costs less than
-            # torch.full / torch.tensor, and batch size 1 pays this per input (the same values: both round the
-            # Python floats to float32 to nearest)
-            self.exit_layer = torch.from_numpy(np.array([layer], dtype=np.int64))
-            self.answer = torch.from_numpy(np.array([self.policy.answer(RowOps, self.state, row, exits)],
-                                                    dtype=np.float32))
+            # made by numpy (and wrapped for torch): right after a layer's run (cold caches) torch.from_numpy costs
+            # less than torch.full / torch.tensor, and batch size 1 pays this per input (the same values: both round
+            # the Python floats to float32 to nearest)
+            exit_layer = np.array([layer], dtype=np.int64)
+            answer = np.array([self.policy.answer(RowOps, self.state, row, exits)], dtype=np.float32)
+            if self.numpy:
+                self.exit_layer, self.answer = exit_layer, answer
+            else:
+                self.exit_layer, self.answer = torch.from_numpy(exit_layer), torch.from_numpy(answer)
             self.active = _NO_ROWS
             self._running = 0
             return _NO_ROW_LEFT

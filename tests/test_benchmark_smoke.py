@@ -67,6 +67,31 @@ def test_every_measurement_ran(smoke: tuple[dict, str]) -> None:
         assert sum("pass" in row for row in block["rows"]) == 2  # ONNX Runtime early exit, each setting
 
 
+def test_fastest_path_runs_combine_into_medians_and_the_verdict_uses_them() -> None:
+    def run(stock_ms: float, ours_ms: float, eager_ms: float) -> dict:
+        """One run of fastest_path_block, as it reports it: three paths, one setting S."""
+        rows = [{"path": path, "setting": setting, "ms_per_example": ms, "accuracy": 90.0, "avg_layers": 3.0,
+                 "speedup_over_ort_stock": stock_ms / ms, "speedup_over_ort_stock_min": stock_ms / ms}
+                for path, setting, ms in (("ONNX Runtime, stock", "", stock_ms), ("torch eager, stock", "", eager_ms),
+                                          ("ONNX Runtime early exit, S", "S", ours_ms))]
+        return {"threads": 2, "examples": 4, "rows": rows, "blocked": True, "settings": ["S"], "mean_tokens": 9.0,
+                "load_average": [0.1, 0.2]}
+
+    # speed-ups of ours per run: 2.0, 1.5, 1.9 -> median 1.9 (passes); one bad run does not decide
+    block = benchmark_exits.combine_fastest_runs([run(10.0, 5.0, 20.0), run(9.0, 6.0, 20.0), run(9.5, 5.0, 20.0)])
+    ours = next(row for row in block["rows"] if row["path"] == "ONNX Runtime early exit, S")
+    assert block["runs"] == 3 and len(block["load_average"]) == 3
+    assert ours["speedup_runs"] == [2.0, 1.5, 1.9] and ours["speedup_over_ort_stock"] == 1.9
+    assert ours["ms_per_example"] == 5.0 and ours["fastest_fp32"] and ours["pass"]
+    assert sum("pass" in row for row in block["rows"]) == 1
+    # median speed-up 1.5 misses; and a path faster than ours (median ms) takes "fastest" away
+    block = benchmark_exits.combine_fastest_runs([run(9.0, 6.0, 20.0), run(9.0, 6.0, 20.0), run(10.0, 5.0, 20.0)])
+    assert not next(row for row in block["rows"] if "pass" in row)["pass"]
+    block = benchmark_exits.combine_fastest_runs([run(10.0, 5.0, 4.0)])
+    ours = next(row for row in block["rows"] if "pass" in row)
+    assert not ours["fastest_fp32"] and not ours["pass"] and ours["speedup_runs"] == [2.0]
+
+
 def test_perfect_early_exit_prices_each_example_at_its_own_depth() -> None:
     # two examples, cut to 1, 6 and 12 layers: the second (a longer input) costs twice as much per layer
     cut = np.array([[2.0, 3.0], [7.0, 13.0], [13.0, 25.0]])

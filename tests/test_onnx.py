@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -204,15 +205,23 @@ def test_early_exit_equals_replay_of_its_own_logits(tmp_path_factory: pytest.Tem
 
 def test_numpy_inputs_answer_as_torch_inputs(tmp_path_factory: pytest.TempPathFactory) -> None:
     """The tokenizer's numpy arrays (``return_tensors="np"``, what ONNX Runtime takes) give the answers of torch
-    tensors, padded batch and single rows, every exit and early exit."""
+    tensors, as numpy arrays of the same dtypes and shapes: padded batch and single rows, every exit and early exit
+    (int32 arrays too, converted)."""
     model, runtime = exported(tmp_path_factory, "bert", "mean")
     batch = padded_batch(model.config)
     arrays = {key: value.numpy() for key, value in batch.items()}
-    assert torch.equal(runtime(**arrays).all_logits, runtime(**batch).all_logits)
+
+    def same(found: object, expected: torch.Tensor) -> bool:
+        return (isinstance(found, np.ndarray) and found.dtype == expected.numpy().dtype
+                and np.array_equal(found, expected.numpy()))
+
+    assert same(runtime(**arrays).all_logits, runtime(**batch).all_logits)
+    assert same(runtime(**{k: v.astype(np.int32) for k, v in arrays.items()}).logits, runtime(**batch).logits)
     for policy in (PatienceExit(patience=1), BudgetExit(layer=3)):
         for given, alone in ((arrays, batch), ({k: v[:1] for k, v in arrays.items()}, row(batch, 0))):
             found, expected = runtime.early_exit(**given, policy=policy), runtime.early_exit(**alone, policy=policy)
-            assert torch.equal(found.exit_layers, expected.exit_layers) and torch.equal(found.logits, expected.logits)
+            assert isinstance(expected.logits, torch.Tensor) and isinstance(expected.exit_layers, torch.Tensor)
+            assert same(found.exit_layers, expected.exit_layers) and same(found.logits, expected.logits)
 
 
 def test_one_read_of_the_exit_logits_per_layer(tmp_path_factory: pytest.TempPathFactory,

@@ -673,18 +673,22 @@ def policy_and_logits(draw) -> tuple:
 def online_one_by_one(policy, layer_logits: torch.Tensor, host_arrays: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """What real early exit at batch size 1 does: one tracker per example, fed layer by layer until done
-    (``host_arrays``: numpy arrays, as ONNX Runtime's pass feeds it)."""
+    (``host_arrays``: numpy arrays, as ONNX Runtime's pass feeds it given numpy inputs, and numpy answers)."""
     layers, answers = [], []
     num_layers = layer_logits.shape[1]
     for row in layer_logits:
-        tracker = ExitTracker(policy, 1, num_layers)
+        tracker = ExitTracker(policy, 1, num_layers, numpy=host_arrays)
         for depth in range(num_layers):
             tracker.update(row[None, depth].numpy() if host_arrays else row[None, depth], depth + 1)
             if tracker.done:
                 break
         assert tracker.done
-        layers.append(tracker.exit_layer[0])
-        answers.append(tracker.answer[0])
+        exit_layer, answer = tracker.exit_layer, tracker.answer
+        if host_arrays:
+            assert isinstance(exit_layer, np.ndarray) and isinstance(answer, np.ndarray)
+            exit_layer, answer = torch.from_numpy(exit_layer), torch.from_numpy(answer)
+        layers.append(exit_layer[0])
+        answers.append(answer[0])
     return torch.stack(layers), torch.stack(answers)
 
 

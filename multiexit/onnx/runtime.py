@@ -118,8 +118,9 @@ class OnnxMultiExitModel:
 
     ``config`` is the model's transformers config (``num_labels``, ``id2label``, exit settings), ``num_exit_layers``
     its depth. ``early_exit(input_ids, attention_mask, token_type_ids, policy=...)`` and the all-exits pass
-    (``model(input_ids, attention_mask, token_type_ids).all_logits``, [L, B, C]) take and return torch tensors like
-    the torch model's."""
+    (``model(input_ids, attention_mask, token_type_ids).all_logits``, [L, B, C]) take torch tensors and return torch
+    tensors, like the torch model's; given numpy arrays (the tokenizer's ``return_tensors="np"``) they return numpy
+    arrays, as an ONNX Runtime session does: at batch size 1 a call then makes no torch tensor at all."""
 
     def __init__(self, folder: str, manifest: Manifest, config: object, sessions: dict[str, _Session],
                  device: str, threads: int | None, io_binding: bool) -> None:
@@ -186,8 +187,9 @@ class OnnxMultiExitModel:
     def _input(self, values: torch.Tensor | np.ndarray) -> object:
         """One [batch, tokens] input as the embeddings segment takes it: int64 numpy, or an ORT value on the
         provider's device with an IO binding."""
-        from onnxruntime import OrtValue
-
+        if (not self.io_binding and type(values) is np.ndarray and values.dtype == np.int64 and values.ndim == 2
+                and values.flags.c_contiguous):
+            return values  # the tokenizer's arrays, as the segment takes them: no conversion at all
         if isinstance(values, torch.Tensor):  # one call where it can (see layer_and_exit)
             array = values.numpy() if values.is_cpu and not values.requires_grad else values.detach().cpu().numpy()
         else:
@@ -195,7 +197,11 @@ class OnnxMultiExitModel:
         array = np.ascontiguousarray(array, dtype=np.int64)
         if array.ndim != 2:
             raise ValueError(f"expected [batch, tokens] inputs, got shape {array.shape}")
-        return OrtValue.ortvalue_from_numpy(array, self.device.type, 0) if self.io_binding else array
+        if not self.io_binding:
+            return array
+        from onnxruntime import OrtValue
+
+        return OrtValue.ortvalue_from_numpy(array, self.device.type, 0)
 
     def _start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                token_type_ids: torch.Tensor | None) -> _OrtLayerPass:
@@ -215,12 +221,15 @@ class OnnxMultiExitModel:
     # ---- the two ways to run it -------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, **kwargs: object) -> MultiExitOutput:
-        """All exits in one pass: ``all_logits`` [L, B, C] and ``logits`` (the last exit's), as torch tensors."""
+        """All exits in one pass: ``all_logits`` [L, B, C] and ``logits`` (the last exit's): torch tensors, or numpy
+        arrays where ``input_ids`` is one."""
         unused = {key for key, value in kwargs.items() if value is not None and value is not False}
         if unused:
             raise ValueError(f"the ONNX model takes input_ids, attention_mask and token_type_ids; got {sorted(unused)}")
         layer_logits = run_layers(self._start(input_ids, attention_mask, token_type_ids), self.num_exit_layers)
-        all_logits = torch.from_numpy(np.stack(layer_logits))
+        all_logits = np.stack(layer_logits)
+        if not isinstance(input_ids, np.ndarray):
+            all_logits = torch.from_numpy(all_logits)
         return MultiExitOutput(logits=all_logits[-1], all_logits=all_logits)
 
     __call__ = forward
@@ -228,16 +237,21 @@ class OnnxMultiExitModel:
     def early_exit(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                    token_type_ids: torch.Tensor | None = None, policy: ExitPolicy | None = None) -> EarlyExitOutput:
         """Real early exit, as :meth:`MultiExitMixin.early_exit`: each row leaves the batch at the layer where
-        ``policy`` lets it exit; ``logits`` [B, C] are each row's answer there, ``exit_layers`` [B] 1-indexed."""
+        ``policy`` lets it exit; ``logits`` [B, C] are each row's answer there, ``exit_layers`` [B] 1-indexed. Torch
+        tensors, or numpy arrays where ``input_ids`` is one."""
         if policy is None:
             raise ValueError("early_exit needs an ExitPolicy")
         validated = self._validated_policy  # validated once for a sweep that calls this once per input
         if validated is None or validated[0] is not policy:
             policy.validate(self.config.num_labels, self.num_exit_layers)
             validated = self._validated_policy = (policy, self.num_exit_layers)
-        tracker = ExitTracker(policy, input_ids.shape[0], validated[1])
+        numpy = isinstance(input_ids, np.ndarray)
+        tracker = ExitTracker(policy, input_ids.shape[0], validated[1], numpy=numpy)
         run_layers(self._start(input_ids, attention_mask, token_type_ids), validated[1], tracker)
-        return EarlyExitOutput(logits=tracker.answer, exit_layers=tracker.exit_layer)
+        answer, exit_layer = tracker.answer, tracker.exit_layer
+        if numpy and isinstance(answer, torch.Tensor):  # (a batch: the tracker decides it on torch tensors)
+            answer, exit_layer = answer.numpy(), exit_layer.numpy()
+        return EarlyExitOutput(logits=answer, exit_layers=exit_layer)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.folder!r}, {self.manifest.model_type}, {self.num_exit_layers} layers, "
