@@ -1084,9 +1084,9 @@ class ExitTracker:
     Python floats (:class:`RowOps`): one ``tolist()`` and a few float operations. A larger batch is decided
     on CPU tensors (:class:`TensorOps`), row by row in effect. Both run the policy's one rule, with the same numbers.
 
-    ``numpy``: a one-row tracker's results are numpy arrays instead of torch tensors (same values), for a caller that
-    answers in numpy (ONNX Runtime given numpy inputs), so that its call makes no torch tensor; a batch's stay torch
-    tensors.
+    ``numpy``: when done, :attr:`exit_layer` and :attr:`answer` are numpy arrays instead of torch tensors (same
+    values), for a caller that answers in numpy (ONNX Runtime given numpy inputs). One row's are made as numpy arrays,
+    so that such a call makes no torch tensor; a batch is decided on torch tensors and its results converted once.
     """
 
     def __init__(self, policy: ExitPolicy, batch_size: int, num_layers: int, numpy: bool = False) -> None:
@@ -1157,6 +1157,8 @@ class ExitTracker:
         if num_exits == running:  # everyone left: nothing to compact
             self.exit_layer.index_fill_(0, self.active, layer)
             self.answer.index_copy_(0, self.active, answer.float())
+            if self.numpy:  # (the one place a batch finishes: every row left by now)
+                self.exit_layer, self.answer = self.exit_layer.numpy(), self.answer.numpy()
             self.active = self.active[:0]
             self.state = {key: value[:0] for key, value in self.state.items()}
             self._running = 0

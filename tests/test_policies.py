@@ -695,9 +695,10 @@ def online_one_by_one(policy, layer_logits: torch.Tensor, host_arrays: bool = Fa
 def batched_like_the_model(policy, layer_logits: torch.Tensor, host_arrays: bool = False
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """What the model's loop does: the running batch is compacted with the mask that update() returns
-    (``host_arrays``: the logits fed as numpy arrays, as ONNX Runtime's pass feeds them)."""
+    (``host_arrays``: the logits fed as numpy arrays, as ONNX Runtime's pass feeds them given numpy inputs, and
+    numpy answers)."""
     num_layers = layer_logits.shape[1]
-    tracker = ExitTracker(policy, layer_logits.shape[0], num_layers)
+    tracker = ExitTracker(policy, layer_logits.shape[0], num_layers, numpy=host_arrays)
     running = layer_logits
     for depth in range(num_layers):
         keep = tracker.update(running[:, depth].numpy() if host_arrays else running[:, depth], depth + 1)
@@ -707,6 +708,9 @@ def batched_like_the_model(policy, layer_logits: torch.Tensor, host_arrays: bool
             assert keep.dtype == torch.bool and keep.shape == (running.shape[0],) and not keep.all()
             running = running[keep]
     assert tracker.done
+    if host_arrays:
+        assert isinstance(tracker.exit_layer, np.ndarray) and isinstance(tracker.answer, np.ndarray)
+        return torch.from_numpy(tracker.exit_layer), torch.from_numpy(tracker.answer)
     return tracker.exit_layer, tracker.answer
 
 

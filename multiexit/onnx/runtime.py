@@ -245,13 +245,9 @@ class OnnxMultiExitModel:
         if validated is None or validated[0] is not policy:
             policy.validate(self.config.num_labels, self.num_exit_layers)
             validated = self._validated_policy = (policy, self.num_exit_layers)
-        numpy = isinstance(input_ids, np.ndarray)
-        tracker = ExitTracker(policy, input_ids.shape[0], validated[1], numpy=numpy)
+        tracker = ExitTracker(policy, input_ids.shape[0], validated[1], numpy=isinstance(input_ids, np.ndarray))
         run_layers(self._start(input_ids, attention_mask, token_type_ids), validated[1], tracker)
-        answer, exit_layer = tracker.answer, tracker.exit_layer
-        if numpy and isinstance(answer, torch.Tensor):  # (a batch: the tracker decides it on torch tensors)
-            answer, exit_layer = answer.numpy(), exit_layer.numpy()
-        return EarlyExitOutput(logits=answer, exit_layers=exit_layer)
+        return EarlyExitOutput(logits=tracker.answer, exit_layers=tracker.exit_layer)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.folder!r}, {self.manifest.model_type}, {self.num_exit_layers} layers, "
